@@ -1,0 +1,36 @@
+# Two commands: `make study` (the main job) and `make test` (the whole suite).
+# Both create .venv and install the project the first time.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On a machine without CUDA, pin the CPU torch build that `pip install torch==2.13.0` finds here,
+# so that no multi-GB CUDA build is ever pulled. With CUDA present the user's own torch is kept.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
+TORCH := $(if $(HAS_CUDA),,torch==2.13.0)
+
+.PHONY: setup study test lint bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) $(TORCH) -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+study: $(STAMP)
+	$(PY) -m study.launch --grid full $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m bench.run_cpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache
