@@ -1,0 +1,270 @@
+"""The Ray-free training core: train and evaluate an epoch, fit a model, measure time and memory.
+
+Typed arguments in, metrics out; exceptions (never ``sys.exit``) on failure, so Ray Tune can mark a
+trial failed and a plain Python loop, a test or a benchmark can call the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from monai.losses import DiceFocalLoss
+from torch import nn
+
+from trainables.backbones import MultiTaskNet, count_parameters
+from trainables.errors import StudyInputError
+from trainables.metrics import classification_metrics, segmentation_metrics, selection_score
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf: the trial diverged (Tune marks it failed with this message)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune.
+
+    Args:
+        epochs: passes over the training split.
+        batch_size: volumes per step.
+        lr_encoder: learning rate of encoder parameters (and what lives inside encoder stages).
+        lr_decoder: learning rate of decoder parameters.
+        lr_heads: learning rate of the task heads and of anything a strategy adds outside the body.
+        weight_decay: AdamW weight decay.
+        seg_weight: weight of the Dice-focal segmentation loss.
+        cls_weight: weight of the presence cross-entropy.
+        seed: seeds torch, numpy and Python's random.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        num_threads: torch CPU threads (0 = leave as is).
+    """
+
+    epochs: int = 5
+    batch_size: int = 2
+    lr_encoder: float = 1e-4
+    lr_decoder: float = 1e-3
+    lr_heads: float = 1e-3
+    weight_decay: float = 1e-5
+    seg_weight: float = 1.0
+    cls_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise StudyInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise StudyInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr_encoder", "lr_decoder", "lr_heads"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise StudyInputError(f"{name} must be in (0, 1), got {value!r}")
+        if self.weight_decay < 0 or self.seg_weight < 0 or self.cls_weight < 0:
+            raise StudyInputError("weight_decay, seg_weight and cls_weight must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EpochResult:
+    """One epoch's numbers, flat, ready for ``tune.report`` or MLflow."""
+
+    epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _part_of(name: str) -> str:
+    """Which optimiser group a parameter belongs to, from its dotted name."""
+    for piece in name.split("."):
+        if piece in ("encoder", "decoder"):
+            return piece
+    return "heads"
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with one learning rate per part (encoder / decoder / heads and strategy extras)."""
+    lrs = {"encoder": cfg.lr_encoder, "decoder": cfg.lr_decoder, "heads": cfg.lr_heads}
+    groups: dict[str, list[nn.Parameter]] = {k: [] for k in lrs}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[_part_of(name)].append(p)
+    param_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+    if not param_groups:
+        raise StudyInputError("the model has no trainable parameters: check the fine-tuning strategy")
+    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+
+
+class MultiTaskLoss(nn.Module):
+    """Dice-focal (MONAI) on the segmentation + binary cross-entropy per hemisphere."""
+
+    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0) -> None:
+        super().__init__()
+        self.seg = DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True)
+        self.cls = nn.BCEWithLogitsLoss()
+        self.seg_weight, self.cls_weight = seg_weight, cls_weight
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seg = self.seg(out["seg"], batch["label"])
+        cls = self.cls(out["cls"], batch["cls"])
+        return {"loss": self.seg_weight * seg + self.cls_weight * cls, "seg_loss": seg, "cls_loss": cls}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MultiTaskLoss,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean losses, wall time, data-wait time and volumes/s."""
+    model.train()
+    totals: dict[str, float] = {}
+    n_batches = n_volumes = 0
+    wait = 0.0
+    start = tick = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - tick
+        batch = _to(batch, device)
+        losses = loss_fn(model(batch["image"]), batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss.item()} at batch {n_batches}: the trial diverged")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
+        n_batches += 1
+        n_volumes += batch["image"].shape[0]
+        tick = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    if n_batches == 0:
+        raise StudyInputError("the training split produced no batches: it is empty or smaller than the batch size")
+    out = {f"train_{k}": v / n_batches for k, v in totals.items()}
+    out.update(epoch_time_s=elapsed, data_wait_s=wait, volumes_per_s=n_volumes / max(elapsed, 1e-9))
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Concatenated outputs and targets over ``loader`` (on the CPU)."""
+    model.eval()
+    seg, cls, labels, targets = [], [], [], []
+    for batch in loader:
+        b = _to(batch, device)
+        out = model(b["image"])
+        seg.append(out["seg"].float().cpu())
+        cls.append(out["cls"].float().cpu())
+        labels.append(batch["label"])
+        targets.append(batch["cls"])
+    return {"seg": torch.cat(seg), "cls": torch.cat(cls), "label": torch.cat(labels), "target": torch.cat(targets)}
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float) -> dict[str, float]:
+    """Dice, HD95, accuracy, AUC, F1, sensitivity, specificity, loss and the selection score."""
+    p = predict(model, loader, device)
+    metrics = segmentation_metrics(p["seg"], p["label"], spacing_mm)
+    metrics.update(classification_metrics(p["cls"], p["target"]))
+    loss = MultiTaskLoss()({"seg": p["seg"], "cls": p["cls"]}, {"label": p["label"], "cls": p["target"]})
+    metrics["loss"] = float(loss["loss"])
+    metrics["score"] = selection_score(metrics)
+    return metrics
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    final: dict[str, float]
+
+
+def fit(
+    model: MultiTaskNet | nn.Module,
+    train_loader: Iterable[dict],
+    val_loader: Iterable[dict],
+    cfg: TrainConfig,
+    spacing_mm: float,
+    test_loader: Iterable[dict] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Fine-tune ``model`` for ``cfg.epochs`` epochs, validating after each.
+
+    ``on_epoch(epoch, metrics)`` receives, every epoch, the training losses, ``val_*`` metrics,
+    ``score`` (validation selection score), time and memory; the Ray adapter reports it to Tune.
+    At the end the test split (if given) is evaluated once and ``test_*`` metrics are added to ``final``.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    reset_peak_memory(device)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight).to(device)
+    trainable, total = count_parameters(model)
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        row = train_epoch(model, train_loader, optimizer, loss_fn, device)
+        val = evaluate(model, val_loader, device, spacing_mm)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row["score"] = val["score"]
+        row.update(
+            epoch=epoch,
+            peak_memory_mb=peak_memory_mb(device),
+            trainable_params=trainable,
+            total_params=total,
+            trainable_fraction=trainable / max(total, 1),
+            time_total_s=time.perf_counter() - start,
+        )
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    final = dict(history[-1])
+    final["time_per_epoch_s"] = final["time_total_s"] / cfg.epochs
+    if test_loader is not None:
+        final.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
+    final = {k: (float(v) if isinstance(v, (int, float)) and not math.isnan(v) else v) for k, v in final.items()}
+    return FitResult(history=history, final=final)
+
+
+def default_num_threads() -> int:
+    return max(1, (os.cpu_count() or 1))
