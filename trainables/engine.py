@@ -6,7 +6,6 @@ trial failed and a plain Python loop, a test or a benchmark can call the same co
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import resource
@@ -223,13 +222,17 @@ def fit(
     cfg: TrainConfig,
     spacing_mm: float,
     test_loader: Iterable[dict] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` for ``cfg.epochs`` epochs, validating after each.
 
-    ``on_epoch(epoch, metrics)`` receives, every epoch, the training losses, ``val_*`` metrics,
-    ``score`` (validation selection score), time and memory; the Ray adapter reports it to Tune.
-    At the end the test split (if given) is evaluated once and ``test_*`` metrics are added to ``final``.
+    ``on_epoch(epoch, metrics, state)`` receives, every epoch, the training losses, ``val_*`` metrics,
+    ``score`` (validation selection score), time and memory, and a function returning the resumable
+    state (trained parameters, optimiser state, epoch, history); the Ray adapter reports the metrics
+    to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
+    continues after its epoch. At the end the test split (if given) is evaluated once and ``test_*``
+    metrics are added to ``final``.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -241,8 +244,21 @@ def fit(
     loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight).to(device)
     trainable, total = count_parameters(model)
     history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, elapsed_before = 1, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["trained"], strict=False)
+        optimizer.load_state_dict(resume["optimizer"])
+        history = list(resume["history"])
+        first_epoch = int(resume["epoch"]) + 1
+        elapsed_before = history[-1]["time_total_s"] if history else 0.0
+
+    def state() -> dict:
+        trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+        return {"trained": trained, "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
+                "history": list(history)}
+
+    start = time.perf_counter() - elapsed_before
+    for epoch in range(first_epoch, cfg.epochs + 1):
         row = train_epoch(model, train_loader, optimizer, loss_fn, device)
         val = evaluate(model, val_loader, device, spacing_mm)
         row.update({f"val_{k}": v for k, v in val.items()})
@@ -255,15 +271,13 @@ def fit(
             trainable_fraction=trainable / max(total, 1),
             time_total_s=time.perf_counter() - start,
         )
+        row["time_per_epoch_s"] = row["time_total_s"] / epoch
+        if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test metrics
+            row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
         history.append(row)
         if on_epoch is not None:
-            on_epoch(epoch, row)
-    final = dict(history[-1])
-    final["time_per_epoch_s"] = final["time_total_s"] / cfg.epochs
-    if test_loader is not None:
-        final.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
-    final = {k: (float(v) if isinstance(v, (int, float)) and not math.isnan(v) else v) for k, v in final.items()}
-    return FitResult(history=history, final=final)
+            on_epoch(epoch, row, state)
+    return FitResult(history=history, final=dict(history[-1]))
 
 
 def default_num_threads() -> int:

@@ -1,0 +1,1 @@
+"""What the user runs: cohort generation, the study launcher, tracking and reports."""

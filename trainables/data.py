@@ -1,0 +1,376 @@
+"""A cohort on disk (NIfTI + manifest.csv) -> validated, reoriented, resampled, cached torch datasets.
+
+The manifest has columns ``subject_id,image,label,pcs_left,pcs_right,split`` (optionally ``sha256`` of
+the image file); paths are relative to the manifest's folder (absolute paths are allowed). Splits are
+``pretrain`` (unlabelled pool), ``train``, ``val`` and ``test``. Every problem with the input raises
+:class:`StudyInputError` naming the manifest, the subject and the file, before any training starts.
+Pure PyTorch / MONAI / nibabel: never imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import operator
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainables.errors import StudyInputError
+
+SPLITS = ("pretrain", "train", "val", "test")
+LABELED_SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split")
+LABEL_VALUES = (0, 1, 2)  # background, left PCS, right PCS
+PREPROCESS_VERSION = 1  # bump when preprocessing changes, to invalidate caches
+_SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_AFFINE_TOLERANCE = 1e-3
+
+
+@dataclass
+class DataConfig:
+    """Where the cohort is and how to preprocess it."""
+
+    manifest: str  # path to manifest.csv
+    spacing_mm: float = 2.0  # target isotropic voxel spacing in mm
+    input_size: tuple[int, int, int] = (32, 32, 32)  # network input (D, H, W) after centred crop/pad
+    cache_dir: str | None = None  # preprocessed-array cache; default <manifest folder>/.cache
+
+    def __post_init__(self) -> None:
+        if isinstance(self.manifest, os.PathLike):
+            self.manifest = os.fspath(self.manifest)
+        if not isinstance(self.manifest, str) or not self.manifest:
+            raise StudyInputError(f"DataConfig.manifest {self.manifest!r}: give the path of a manifest.csv")
+        try:
+            spacing = float(self.spacing_mm)
+        except (TypeError, ValueError):
+            spacing = math.nan
+        if not (math.isfinite(spacing) and spacing > 0):
+            raise StudyInputError(f"DataConfig.spacing_mm {self.spacing_mm!r}: must be a positive number of mm, e.g. 2.0")
+        self.spacing_mm = spacing
+        try:
+            size = tuple(operator.index(s) for s in self.input_size if not isinstance(s, bool))
+        except TypeError:
+            size = ()
+        if len(size) != 3 or min(size) < 8:
+            raise StudyInputError(
+                f"DataConfig.input_size {self.input_size!r}: must be three integers >= 8, e.g. (32, 32, 32)"
+            )
+        self.input_size = size  # type: ignore[assignment]
+        if self.cache_dir is not None:
+            self.cache_dir = os.fspath(self.cache_dir)
+
+
+@dataclass
+class SubjectRecord:
+    """One manifest row, with paths resolved against the manifest's folder."""
+
+    subject_id: str
+    image: Path
+    label: Path | None
+    pcs_left: int | None
+    pcs_right: int | None
+    split: str
+    sha256: str | None = None  # expected checksum of the image file, when the manifest has one
+    manifest: Path | None = None  # the manifest this row came from (for messages)
+
+
+def _resolve(folder: Path, value: str, where: str, what: str) -> Path:
+    """Absolute paths are taken as given; relative ones must stay inside the manifest folder."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    base = os.path.abspath(folder)
+    resolved = os.path.normpath(os.path.join(base, path))
+    if os.path.commonpath([resolved, base]) != base:
+        raise StudyInputError(
+            f"{where}: {what} path {value!r} leaves the manifest folder {folder} via '..'; "
+            "move the file inside that folder or write its absolute path"
+        )
+    return Path(resolved)
+
+
+def _binary(value: str, where: str, column: str) -> int:
+    if value not in ("0", "1"):
+        raise StudyInputError(f"{where}: {column} is {value!r}; labelled rows need 0 (absent) or 1 (present)")
+    return int(value)
+
+
+def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
+    """Read and check a manifest.csv (columns, splits, duplicates, paths exist); no NIfTI is opened."""
+    manifest = Path(path)
+    if not manifest.is_file():
+        what = "is a folder; pass the manifest.csv inside it" if manifest.is_dir() else "does not exist"
+        raise StudyInputError(
+            f"manifest {manifest} {what} (make one with columns {','.join(REQUIRED_COLUMNS)}, "
+            "or generate a synthetic cohort with `python -m study.cohort --output DIR`)"
+        )
+    folder = manifest.parent
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise StudyInputError(f"manifest {manifest}: cannot be read as UTF-8 CSV ({exc}); save it as plain CSV") from None
+    if not columns:
+        raise StudyInputError(f"manifest {manifest} is empty; it needs the header {','.join(REQUIRED_COLUMNS)}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise StudyInputError(
+            f"manifest {manifest} lacks column(s) {', '.join(missing)}; required: {','.join(REQUIRED_COLUMNS)}"
+        )
+    if not rows:
+        raise StudyInputError(f"manifest {manifest} has a header but no subject rows; add one row per subject")
+    records: list[SubjectRecord] = []
+    seen: dict[str, tuple[int, str]] = {}
+    for line, raw in rows:
+        if None in raw:
+            raise StudyInputError(f"manifest {manifest} line {line}: more fields than header columns; check the commas")
+        row = {k.strip(): (v or "").strip() for k, v in raw.items()}
+        sid = row["subject_id"]
+        where = f"manifest {manifest} line {line} (subject {sid!r})"
+        if not _SUBJECT_ID.match(sid):
+            raise StudyInputError(f"{where}: subject_id must be non-empty letters, digits, '.', '_' or '-'")
+        split = row["split"]
+        if split not in SPLITS:
+            raise StudyInputError(f"{where}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        if sid in seen:
+            first_line, first_split = seen[sid]
+            raise StudyInputError(
+                f"{where}: subject {sid} appears twice (line {first_line} split {first_split}, line {line} "
+                f"split {split}); each subject must have exactly one row in one split"
+            )
+        seen[sid] = (line, split)
+        if not row["image"]:
+            raise StudyInputError(f"{where}: the image column is empty; give the subject's NIfTI image path")
+        image = _resolve(folder, row["image"], where, "image")
+        label = _resolve(folder, row["label"], where, "label") if row["label"] else None
+        labeled = split in LABELED_SPLITS
+        if labeled and label is None:
+            raise StudyInputError(
+                f"{where}: split {split} needs a label map but the label column is empty; add it or use split pretrain"
+            )
+        for file, what in ((image, "image"), (label, "label")):
+            if file is not None and not file.is_file():
+                raise StudyInputError(f"{where}: {what} file {file} does not exist; fix the path in the manifest")
+        left, right = row["pcs_left"], row["pcs_right"]
+        if labeled or left or right:
+            pcs_left, pcs_right = _binary(left, where, "pcs_left"), _binary(right, where, "pcs_right")
+        else:
+            pcs_left = pcs_right = None
+        digest = row.get("sha256") or None
+        records.append(SubjectRecord(sid, image, label, pcs_left, pcs_right, split, digest, manifest))
+    return records
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _load_checked(rec: SubjectRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Open one subject's NIfTI files and check their content; return (image, affine, label or None)."""
+    where = f"subject {rec.subject_id}"
+    if rec.sha256:
+        digest = hashlib.sha256(rec.image.read_bytes()).hexdigest()
+        if digest != rec.sha256.lower():
+            raise StudyInputError(
+                f"{where}: image {rec.image} has sha256 {digest[:12]}... but the manifest says {rec.sha256[:12]}...; "
+                "the file changed or is damaged: restore it or update the manifest's sha256"
+            )
+
+    def read(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            img = nib.load(path)
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            affine = np.asarray(img.affine, dtype=np.float64)
+        except Exception as exc:  # nibabel raises many types for damaged files; report them all the same way
+            raise StudyInputError(
+                f"{where}: cannot read {what} {path} as NIfTI ({_one_line(exc)}); re-export it as .nii or .nii.gz"
+            ) from None
+        if data.ndim != 3:
+            raise StudyInputError(
+                f"{where}: {what} {path} is {data.ndim}D with shape {data.shape}; give one 3D volume per subject"
+            )
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise StudyInputError(f"{where}: {what} {path} has an invalid affine (singular or NaN); fix its header")
+        return data, affine
+
+    image, affine = read(rec.image, "image")
+    if not np.all(np.isfinite(image)):
+        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise StudyInputError(f"{where}: image {rec.image} has {bad} NaN/Inf voxel(s); fix or mask them before use")
+    if float(image.max()) == float(image.min()):
+        raise StudyInputError(f"{where}: image {rec.image} is constant ({float(image.min())}); it holds no signal")
+    if rec.label is None:
+        return image, affine, None
+    label, label_affine = read(rec.label, "label")
+    if label.shape != image.shape:
+        raise StudyInputError(
+            f"{where}: label {rec.label} has shape {label.shape} but image {rec.image} has {image.shape}; "
+            "the label must be drawn on the image's voxel grid"
+        )
+    if not np.allclose(label_affine, affine, atol=_AFFINE_TOLERANCE, rtol=0):
+        diff = float(np.abs(label_affine - affine).max())
+        raise StudyInputError(
+            f"{where}: label {rec.label} affine differs from image {rec.image} affine (max diff {diff:.3g}); "
+            "resample the label onto the image grid"
+        )
+    values = np.unique(label)
+    odd = [v for v in values.tolist() if v not in LABEL_VALUES]
+    if odd:
+        raise StudyInputError(
+            f"{where}: label {rec.label} has value(s) {odd[:5]} outside {{0,1,2}} "
+            "(0 background, 1 left PCS, 2 right PCS); relabel it"
+        )
+    return image, affine, label
+
+
+def validate_cohort(records: list[SubjectRecord]) -> None:
+    """Open every subject's NIfTI files and check them (readable, 3D, finite, label matches image)."""
+    for rec in records:
+        _load_checked(rec)
+
+
+def _preprocess(rec: SubjectRecord, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Validated subject -> (image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W)) in RAS at spacing_mm."""
+    image, affine, label = _load_checked(rec)  # before importing MONAI: bad input fails fast
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd, Spacingd
+
+    if label is None:
+        label = np.zeros_like(image)
+    tensor_affine = torch.as_tensor(affine, dtype=torch.float64)
+    data = {
+        "image": MetaTensor(torch.from_numpy(image)[None], affine=tensor_affine),
+        "label": MetaTensor(torch.from_numpy(label)[None], affine=tensor_affine.clone()),
+    }
+    keys = ["image", "label"]
+    transform = Compose([
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=(cfg.spacing_mm,) * 3, mode=("bilinear", "nearest")),
+        ResizeWithPadOrCropd(keys=keys, spatial_size=cfg.input_size),
+        NormalizeIntensityd(keys="image", nonzero=True),
+    ])
+    out = transform(data)
+    img = np.asarray(out["image"].numpy(), dtype=np.float32)
+    lab = np.rint(np.asarray(out["label"].numpy())).astype(np.uint8)
+    return img, lab
+
+
+def _cache_key(rec: SubjectRecord, cfg: DataConfig) -> str:
+    """Hash of the source files' identity (path, size, mtime) and the preprocessing parameters."""
+    parts: dict[str, object] = {"version": PREPROCESS_VERSION, "spacing": cfg.spacing_mm, "size": cfg.input_size}
+    for name, path in (("image", rec.image), ("label", rec.label)):
+        if path is not None:
+            stat = path.stat()
+            parts[name] = [str(path.absolute()), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _cached_arrays(rec: SubjectRecord, cfg: DataConfig, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed arrays from the cache, or validate + preprocess + write them (temp file + os.replace)."""
+    path = cache / f"{rec.subject_id}-{_cache_key(rec, cfg)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as stored:
+                img, lab = stored["image"], stored["label"]
+            if img.shape[1:] == tuple(cfg.input_size) and lab.shape == img.shape:
+                return img, lab
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache entry: rebuild it
+    img, lab = _preprocess(rec, cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{path.stem}.{uuid.uuid4().hex}.tmp.npz"
+    np.savez(tmp, image=img, label=lab)
+    os.replace(tmp, path)
+    return img, lab
+
+
+class VolumeDataset(Dataset):
+    """Preprocessed subjects held in memory.
+
+    Items: ``image`` float32 (1,D,H,W), ``label`` int64 (1,D,H,W) (zeros if unlabelled),
+    ``cls`` float32 (2,) [left, right] PCS presence (zeros if unlabelled), ``subject_id`` str.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, subject_ids: list[str],
+                 spacing_mm: float, labeled: bool, split: str) -> None:
+        self.images, self.labels, self.cls = images, labels, cls
+        self.subject_ids = list(subject_ids)
+        self.spacing_mm, self.labeled, self.split = spacing_mm, labeled, split
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": self.labels[index].long(), "cls": self.cls[index],
+                "subject_id": self.subject_ids[index]}
+
+
+def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
+    """The subjects of ``split``: checked, preprocessed (RAS, spacing_mm, input_size, z-score), cached on disk."""
+    if split not in SPLITS:
+        raise StudyInputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    records = read_manifest(cfg.manifest)
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        counts = ", ".join(f"{s}={sum(r.split == s for r in records)}" for s in SPLITS)
+        raise StudyInputError(
+            f"manifest {cfg.manifest}: split {split!r} has no subjects (rows per split: {counts}); "
+            f"add rows with split={split}"
+        )
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.manifest).parent / ".cache"
+    images, labels = zip(*(_cached_arrays(r, cfg, cache) for r in chosen), strict=True)
+    labeled = split in LABELED_SPLITS
+    label_tensor = torch.from_numpy(np.stack(labels))
+    if not labeled:
+        label_tensor = torch.zeros_like(label_tensor)
+    cls = [[r.pcs_left, r.pcs_right] if labeled else [0, 0] for r in chosen]
+    return VolumeDataset(torch.from_numpy(np.stack(images)), label_tensor, torch.tensor(cls, dtype=torch.float32),
+                         [r.subject_id for r in chosen], cfg.spacing_mm, labeled, split)
+
+
+class _Augmented(Dataset):
+    """Mild random intensity scale/shift and Gaussian noise (no flips: they would swap hemispheres)."""
+
+    def __init__(self, base: VolumeDataset, seed: int) -> None:
+        from monai.transforms import Compose, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
+
+        self.base = base
+        self.transform = Compose([
+            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+            RandGaussianNoised(keys="image", prob=0.5, std=0.05),
+        ]).set_random_state(seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.base[index])
+        image = self.transform({"image": item["image"]})["image"]
+        if hasattr(image, "as_tensor"):  # MetaTensor -> plain tensor, so batches collate like the base dataset
+            image = image.as_tensor()
+        item["image"] = image.to(torch.float32).contiguous()
+        return item
+
+
+def make_loader(ds: VolumeDataset, batch_size: int, shuffle: bool, seed: int, augment: bool = False) -> DataLoader:
+    """A single-process DataLoader with a seeded shuffle (and seeded augmentation when ``augment``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise StudyInputError(f"batch_size {batch_size!r}: must be a positive integer")
+    if augment and getattr(ds, "split", None) in ("val", "test"):
+        raise StudyInputError(f"augment=True on the {ds.split} split: augment only training data")
+    dataset: Dataset = _Augmented(ds, seed) if augment else ds
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
