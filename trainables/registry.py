@@ -20,8 +20,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 class Registry(Generic[T]):
     """A name -> object table for one kind of thing."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or (kind[:-1] + "ies" if kind.endswith("y") else kind + "s")
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -43,7 +44,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise StudyInputError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> list[str]:

@@ -3,15 +3,22 @@
 A strategy is a typed config (a dataclass with a help string per field, validated in
 ``__post_init__``) and ``apply(model, cfg) -> model``: it sets ``requires_grad`` and/or inserts new
 modules, in place, and returns the model to train. The task heads always train.
+
+Importing this package registers every strategy (``basic``, ``peft_methods``, ``adapter``, ``prompt``,
+``sidetune``, ``ssf``); ``storage`` saves and reloads what one task trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
 
+import torch
 from torch import nn
 
+from trainables.backbones import BackboneConfig, MultiTaskNet, build_backbone
+from trainables.errors import StudyInputError
 from trainables.registry import Registry
 
 
@@ -24,7 +31,16 @@ class Strategy:
     apply: Callable[[nn.Module, Any], nn.Module]
 
     def make_config(self, params: dict | None = None) -> Any:
-        return self.config_cls(**(params or {}))
+        """The typed config from a plain dict; unknown keys raise :class:`StudyInputError`."""
+        params = dict(params or {})
+        known = {f.name for f in fields(self.config_cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise StudyInputError(
+                f"strategy {self.name!r} has no parameter(s) {unknown}; "
+                f"its parameters: {sorted(known) or 'none'}"
+            )
+        return self.config_cls(**params)
 
 
 STRATEGIES: Registry[Strategy] = Registry("fine-tuning strategy")
@@ -38,3 +54,117 @@ def register_strategy(name: str, config_cls: type) -> Callable:
         return apply
 
     return deco
+
+
+# -- helpers shared by the strategy modules --------------------------------------------------------
+class TaskModule(nn.Module):
+    """Base class of the modules a strategy inserts (adapters, prompts, SSF, side network).
+
+    :func:`trainables.finetune.storage.trainable_state_dict` stores their buffers with the
+    trainable parameters.
+    """
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise :class:`StudyInputError` unless ``value`` is an int in ``[low, high]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise StudyInputError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def check_float(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    """Raise :class:`StudyInputError` unless ``value`` is a number in ``[low, high]`` (``[low, high)``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (low <= value < high if high_open else low <= value <= high):
+        closing = ")" if high_open else "]"
+        raise StudyInputError(f"{name} must be a number in [{low}, {high}{closing}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise :class:`StudyInputError` unless ``value`` is one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise StudyInputError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def set_trainable(modules: Iterable[nn.Module], flag: bool = True) -> None:
+    """Set ``requires_grad`` on every parameter of ``modules``."""
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+def freeze_all(model: nn.Module) -> None:
+    """Freeze every parameter of ``model``."""
+    set_trainable([model], False)
+
+
+def train_heads(model: MultiTaskNet) -> None:
+    """Make the task heads trainable (every strategy does this last)."""
+    set_trainable([m for _, m in model.heads()])
+
+
+def body_modules(
+    model: MultiTaskNet, parts: tuple[str, ...] = ("encoder", "decoder")
+) -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted name, module)`` for every module inside the named body parts."""
+    for part in parts:
+        yield from getattr(model, part).named_modules(prefix=part)
+
+
+def replace_module(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``dotted_name`` is."""
+    parent_name, _, child = dotted_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] = (32, 32, 32)) -> None:
+    """Raise :class:`StudyInputError` (with the reason) if strategy ``name`` cannot fine-tune ``backbone``.
+
+    Builds the narrowest model of the backbone, applies the strategy with its default config and runs
+    one training-mode forward pass of two ``input_size`` volumes (training mode, because e.g. instance
+    norm refuses a one-voxel bottleneck only then: UNet at 16^3); the study grid calls this before any
+    trial runs.
+    """
+    strategy = STRATEGIES.get(name)
+    model = build_backbone(BackboneConfig(name=backbone, width=8))
+    try:
+        model = strategy.apply(model, strategy.make_config())
+        if not any(p.requires_grad for p in model.parameters()):
+            raise StudyInputError("it leaves no parameter trainable")
+        model.train()
+        x = torch.randn(2, model.config.in_channels, *input_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(x)
+        if not all(torch.isfinite(v).all() for v in out.values()):
+            raise StudyInputError("the forward pass is not finite")
+    except StudyInputError as err:
+        raise StudyInputError(f"strategy {name!r} cannot fine-tune backbone {backbone!r}: {err}") from err
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise StudyInputError(
+            f"strategy {name!r} cannot fine-tune backbone {backbone!r} at input size {input_size}: {err}"
+        ) from err
+
+
+# Register every strategy (the modules above import this package's helpers).
+from trainables.finetune import adapter, basic, peft_methods, prompt, sidetune, ssf  # noqa: E402, F401
+from trainables.finetune.storage import (  # noqa: E402
+    load_finetuned,
+    save_finetuned,
+    task_storage_bytes,
+    trainable_state_dict,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "TaskModule",
+    "check_applicable",
+    "load_finetuned",
+    "register_strategy",
+    "save_finetuned",
+    "task_storage_bytes",
+    "trainable_state_dict",
+]
