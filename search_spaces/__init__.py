@@ -17,3 +17,6 @@ SpaceFn = Callable[[optuna.Trial], dict]
 
 PRETRAIN_SPACES: Registry[SpaceFn] = Registry("pre-training search space")
 FINETUNE_SPACES: Registry[SpaceFn] = Registry("fine-tuning search space")
+
+from search_spaces import finetune as _finetune  # noqa: E402,F401  (registers the fine-tuning spaces)
+from search_spaces import pretrain as _pretrain  # noqa: E402,F401  (registers the pre-training spaces)

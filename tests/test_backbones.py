@@ -11,7 +11,7 @@ from trainables.errors import StudyInputError
 
 def tiny(name: str) -> tuple[BackboneConfig, int]:
     """Tiny config and input side per backbone (SwinUNETR needs multiples of 32)."""
-    return (BackboneConfig(name=name, width=12), 32) if name == "swinunetr" else (BackboneConfig(name=name, width=8), 32)
+    return (BackboneConfig(name=name, width=12), 32) if name == "swinunetr" else (BackboneConfig(name=name, width=8), 16)
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

@@ -146,19 +146,33 @@ class MultiTaskNet(nn.Module):
                 f"checkpoint does not fit backbone {self.config.name!r}: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}; was it pre-trained with another backbone or width?"
             )
+        mine = self.state_dict()
+        wrong = [k for k in own if tuple(state[k].shape) != tuple(mine[k].shape)]
+        if wrong:
+            raise StudyInputError(
+                f"checkpoint does not fit backbone {self.config.name!r} of width {self.config.width}: "
+                f"{len(wrong)} tensors differ in shape (e.g. {wrong[0]}); was it pre-trained at another width?"
+            )
         self.load_state_dict(state, strict=False)
+
+
+def _groups(width: int, most: int = 8) -> int:
+    """The largest group count <= ``most`` that divides ``width`` (so every stage's channels divide too)."""
+    return max(g for g in range(1, most + 1) if width % g == 0)
 
 
 # -- UNet (MONAI BasicUNet) ------------------------------------------------------------------------
 @BACKBONES.register("unet")
 class UNetMultiTask(MultiTaskNet):
-    """MONAI ``BasicUNet`` (Ronneberger et al., 2015; Falk et al., 2019): 5 stages, 4 up-blocks."""
+    """MONAI ``BasicUNet`` (Ronneberger et al., 2015; Falk et al., 2019): 5 stages, 4 up-blocks, group norm."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
         w = cfg.width
         feats = (w, w, 2 * w, 4 * w, 8 * w, w)
-        net = BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=SEG_CLASSES, features=feats)
+        # group norm (not BasicUNet's default instance norm) so that a one-voxel bottleneck (16^3 inputs) trains
+        net = BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=SEG_CLASSES, features=feats,
+                        norm=("group", {"num_groups": _groups(w)}))
         self.encoder = nn.ModuleList([net.conv_0, net.down_1, net.down_2, net.down_3, net.down_4])
         self.decoder = nn.ModuleList([net.upcat_4, net.upcat_3, net.upcat_2, net.upcat_1])
         self.stage_channels = list(feats[:5])
@@ -199,7 +213,7 @@ class SegResNetMultiTask(MultiTaskNet):
             out_channels=SEG_CLASSES,
             blocks_down=(1, 2, 2, 4),
             blocks_up=(1, 1, 1),
-            norm=("GROUP", {"num_groups": min(8, w)}),
+            norm=("GROUP", {"num_groups": _groups(w)}),
             use_conv_final=False,
         )
         stem = nn.Sequential(net.convInit, net.down_layers[0])

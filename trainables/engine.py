@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import random
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import psutil
 import torch
 from monai.losses import DiceFocalLoss
 from torch import nn
@@ -93,16 +95,47 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class PeakMemory:
+    """Peak memory since :meth:`reset`: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the
+    process's resident set size, sampled every ``interval`` seconds by a background thread (so a
+    trial in a reused worker process measures its own peak, not the process's lifetime peak)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02) -> None:
+        self.device, self.interval = device, interval
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def reset(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._peak = self._proc.memory_info().rss
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        return self._peak / 2**20
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
+    """The process's lifetime peak: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _part_of(name: str) -> str:
@@ -239,7 +272,7 @@ def fit(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
-    reset_peak_memory(device)
+    memory = PeakMemory(device).reset()
     optimizer = make_optimizer(model, cfg)
     loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight).to(device)
     trainable, total = count_parameters(model)
@@ -265,7 +298,7 @@ def fit(
         row["score"] = val["score"]
         row.update(
             epoch=epoch,
-            peak_memory_mb=peak_memory_mb(device),
+            peak_memory_mb=memory.mb(),
             trainable_params=trainable,
             total_params=total,
             trainable_fraction=trainable / max(total, 1),
@@ -277,6 +310,7 @@ def fit(
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row, state)
+    memory.close()
     return FitResult(history=history, final=dict(history[-1]))
 
 

@@ -1,0 +1,244 @@
+"""``python -m study.launch``: run a pre-training x fine-tuning study on Ray Tune, tracked in MLflow.
+
+Examples::
+
+    python -m study.launch --grid smoke --output runs/smoke
+    python -m study.launch --grid full                      # the main job (`make study`)
+    python -m study.launch --resume runs/full               # continue an interrupted study
+    python -m study.launch --grid full --address auto       # on an existing Ray cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from study.grid import GRIDS, Cell, StudyPlan, select_plan
+from trainables.errors import StudyInputError
+
+STUDY_FILE = "study.json"
+
+
+@dataclass
+class TrialFactory:
+    """Builds the plain-dict trial configs Tune carries (picklable: Tune saves it with the searcher)."""
+
+    plan: StudyPlan
+    data: dict
+    data_id: str
+    output: str
+
+    def backbone(self, name: str) -> dict:
+        return {"name": name, "width": self.plan.backbone_width(name)}
+
+    def pretrain(self, method: str, backbone: str) -> dict:
+        return {
+            "stage": "pretrain",
+            "cell": {"pretrain": method, "backbone": backbone, "id": f"{method}__{backbone}"},
+            "backbone": self.backbone(backbone),
+            "pretrain": {"method": method, "epochs": self.plan.pretrain_epochs, "batch_size": self.plan.batch_size,
+                         "seed": self.plan.seed},
+            "data": self.data,
+            "data_id": self.data_id,
+            "cache_dir": str(Path(self.output) / "pretrain_cache"),
+        }
+
+    def finetune(self, cell: Cell, checkpoint: str | None, train: dict, params: dict, seed: int) -> dict:
+        return {
+            "stage": "finetune",
+            "cell": {**cell.to_dict(), "id": cell.id},
+            "backbone": self.backbone(cell.backbone),
+            "strategy": cell.strategy,
+            "strategy_params": params,
+            "train": {**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size, "seed": seed},
+            "data": self.data,
+            "pretrain_checkpoint": None if cell.pretrain == "none" and checkpoint is None else checkpoint,
+            "output_dir": str(Path(self.output) / "models" / f"{cell.id}__{seed}"),
+        }
+
+
+def _comma(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__.split("\n")[0])
+    p.add_argument("--grid", default="full", help=f"grid preset: {', '.join(GRIDS)}")
+    p.add_argument("--output", help="study folder (default runs/<grid>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the study in DIR")
+    p.add_argument("--cohort", help="manifest.csv of your own cohort (default: the embedded synthetic cohort)")
+    p.add_argument("--num-samples", type=int, help="Optuna trials per cell")
+    p.add_argument("--methods", help="comma list of pre-training methods to keep")
+    p.add_argument("--strategies", help="comma list of fine-tuning strategies to keep")
+    p.add_argument("--backbones", help="comma list of backbones")
+    p.add_argument("--seed", type=int, help="study seed")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: start a local Ray")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial (0.25 = four per GPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores per trial (torch threads follow)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0 = as resources allow)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<output>/mlflow.db)")
+    p.add_argument("--optuna-storage", help="Optuna RDB URL for the per-cell studies (default: journal file)")
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial before it counts failed")
+    return p
+
+
+def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
+    return select_plan(
+        args.grid,
+        methods=_comma(args.methods),
+        strategies=_comma(args.strategies),
+        backbones=_comma(args.backbones),
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+
+
+def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dict, str]:
+    """Generate or validate the cohort and preprocess every split once, before any trial starts."""
+    import hashlib
+
+    from trainables.data import DataConfig, load_split, read_manifest, validate_cohort
+
+    if cohort is None:
+        from study.cohort import generate_cohort
+
+        manifest = generate_cohort(output / "cohort", subjects=plan.subjects, seed=plan.seed, spacing=plan.spacing_mm)
+    else:
+        manifest = Path(cohort).resolve()
+    validate_cohort(read_manifest(manifest))
+    cfg = DataConfig(manifest=str(manifest), spacing_mm=plan.spacing_mm, input_size=tuple(plan.input_size))
+    for split in ("pretrain", "train", "val", "test"):
+        ds = load_split(cfg, split)
+        if split != "pretrain" and len(ds) < plan.batch_size:
+            raise StudyInputError(
+                f"{manifest}: split {split!r} has {len(ds)} subjects, fewer than the batch size {plan.batch_size}"
+            )
+    data_id = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]
+    data = asdict(cfg)
+    data["input_size"] = list(cfg.input_size)
+    return data, data_id
+
+
+def _resources(gpus: float, cpus: float):
+    def per_trial(config: dict) -> dict:
+        return {"cpu": cpus, "gpu": gpus}
+
+    return per_trial
+
+
+@dataclass
+class StudyOutcome:
+    """What a finished study hands back: Tune's results, the MLflow tracker, the plan and the folder."""
+
+    results: object
+    tracker: object
+    plan: StudyPlan
+    output: Path
+
+
+def run_study(args: argparse.Namespace) -> StudyOutcome:
+    """Validate everything, then run the study."""
+    import ray
+    from ray import tune
+
+    from study.progress import ProgressCallback, setup_logging
+    from study.scheduling import PerCellASHA
+    from study.searcher import StudySearcher
+    from study.summary import print_summary
+    from study.tracking import MLflowTrialCallback, StudyTracker, code_version
+    from trainables.finetune import check_applicable
+    from trainables.tune_trainable import study_trainable
+
+    resume = args.resume is not None
+    output = Path(args.resume or args.output or f"runs/{args.grid}").resolve()
+    study_file = output / STUDY_FILE
+    if resume:
+        if not study_file.exists():
+            raise StudyInputError(f"--resume {output}: no {STUDY_FILE} there; is it a study folder?")
+        saved = json.loads(study_file.read_text())
+        args.grid = saved["args"]["grid"]
+        for key, value in saved["args"].items():
+            setattr(args, key, value if key not in ("address",) else args.address)
+        args.resume = str(output)
+    elif study_file.exists():
+        raise StudyInputError(
+            f"{output} already holds a study; continue it with --resume {output} or choose another --output"
+        )
+    plan = _plan_from_args(args)
+    for strategy, backbone in dict.fromkeys((c.strategy, c.backbone) for c in plan.cells):
+        check_applicable(strategy, backbone, tuple(plan.input_size))
+    output.mkdir(parents=True, exist_ok=True)
+    setup_logging(output)
+    data, data_id = prepare_data(plan, output, args.cohort)
+
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else 0.0
+    mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
+    saved = json.loads(study_file.read_text()) if resume else {}
+    tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"))
+    if not resume:
+        keep = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+        tmp = study_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": keep, "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)},
+                                  indent=2, default=str))
+        tmp.replace(study_file)
+    tracker.log_study_params({"grid": args.grid, "cells": len(plan.cells), "num_samples": plan.num_samples,
+                              "seed": plan.seed, "code_version": code_version(),
+                              "finetune_epochs": plan.finetune_epochs, "pretrain_epochs": plan.pretrain_epochs})
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    elif not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(output))
+    trainable = tune.with_resources(study_trainable, _resources(gpus, args.cpus_per_trial))
+    storage = str(output / "tune")
+    if resume and tune.Tuner.can_restore(os.path.join(storage, "study")):
+        tuner = tune.Tuner.restore(os.path.join(storage, "study"), trainable, resume_unfinished=True)
+    else:
+        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output),
+                                 study_name=plan.name, storage_url=args.optuna_storage)
+        # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
+        # trials report no selection score, and Tune's strict metric check would reject them.
+        scheduler = PerCellASHA(metric="score", mode="max", max_t=plan.finetune_epochs,
+                                grace_period=plan.grace_period)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True, max_concurrent_trials=args.max_concurrent or None),
+            run_config=tune.RunConfig(
+                name="study",
+                storage_path=storage,
+                callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}),
+                           ProgressCallback(len(plan.pretrain_jobs()) + len(plan.cells) * plan.num_samples)],
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()
+    tracker.finish("FINISHED")
+    print_summary(results, plan, tracker)
+    return StudyOutcome(results=results, tracker=tracker, plan=plan, output=output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_study(args)
+        return 0
+    except StudyInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with python -m study.launch --resume <output>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

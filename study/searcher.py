@@ -1,0 +1,190 @@
+"""One Ray Tune searcher for the whole study: pre-training jobs first, then one Optuna study per cell.
+
+Ray's ``OptunaSearch`` cannot expand a grid, so the study expands the cells itself and gives each its
+own Optuna study (TPE), stored on disk (a journal file in the output folder by default, or an RDB URL)
+so that a resumed study continues the same Optuna studies. A cell's fine-tuning trials are suggested
+as soon as its pre-training checkpoint exists, without waiting for the other pre-training jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from ray.tune.search import Searcher
+
+from search_spaces import FINETUNE_SPACES
+from search_spaces.finetune import train_space
+from study.grid import Cell, StudyPlan
+from trainables.errors import StudyInputError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def optuna_storage(url: str | None, output: str | Path) -> optuna.storages.BaseStorage | str:
+    """The per-cell studies' storage: an RDB URL as given, else a journal file in the output folder.
+
+    The journal uses a lock file next to it, which is safe for writers on several nodes of a shared
+    filesystem; an RDB URL (``--optuna-storage postgresql://...``) is the other multi-node choice.
+    """
+    if url:
+        return url
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(Path(output) / "optuna.journal")
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, dict]:
+    """(train params, strategy params) for one trial: the shared training space + the strategy's space."""
+    train = train_space(trial)
+    params = FINETUNE_SPACES.get(strategy)(trial)
+    clash = set(train) & set(params)
+    if clash:
+        raise StudyInputError(f"search space of {strategy!r} reuses training parameter names {sorted(clash)}")
+    return train, params
+
+
+@dataclass
+class _Live:
+    kind: str  # "pretrain" | "finetune"
+    key: str  # pre-training job key or cell id
+    number: int = -1  # Optuna trial number
+
+
+@dataclass
+class _State:
+    pretrain_pending: list[str] = field(default_factory=list)
+    pretrain_running: set[str] = field(default_factory=set)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    pretrain_failed: dict[str, str] = field(default_factory=dict)
+    suggested: dict[str, int] = field(default_factory=dict)  # cell id -> trials suggested
+    live: dict[str, _Live] = field(default_factory=dict)
+    cursor: int = 0
+
+
+class StudySearcher(Searcher):
+    """Suggests pre-training trials, then fine-tuning trials from each cell's Optuna study.
+
+    Args:
+        plan: the grid.
+        make_pretrain: ``(method, backbone) -> trial config`` for a pre-training job.
+        make_finetune: ``(cell, checkpoint, train params, strategy params, seed) -> trial config``.
+        output: the study's output folder (holds the Optuna journal unless ``storage_url`` is given).
+        storage_url: an Optuna RDB URL for the per-cell studies.
+        study_name: prefix of the Optuna study names.
+    """
+
+    def __init__(
+        self,
+        plan: StudyPlan,
+        make_pretrain: Callable[[str, str], dict],
+        make_finetune: Callable[[Cell, str | None, dict, dict, int], dict],
+        output: str,
+        study_name: str,
+        storage_url: str | None = None,
+        metric: str = "score",
+        mode: str = "max",
+    ) -> None:
+        super().__init__(metric=None, mode=None)  # see PerCellASHA: no study-wide metric for Tune's check
+        self.score_metric = metric
+        self.plan, self.make_pretrain, self.make_finetune = plan, make_pretrain, make_finetune
+        self.output, self.storage_url, self.study_name = output, storage_url, study_name
+        self._storage: optuna.storages.BaseStorage | str | None = None
+        self.cells = {c.id: c for c in plan.cells}
+        self.state = _State(pretrain_pending=[self.job_key(*k) for k in plan.pretrain_jobs()])
+        self._studies: dict[str, optuna.Study] = {}
+
+    @staticmethod
+    def job_key(method: str, backbone: str) -> str:
+        return f"{method}__{backbone}"
+
+    def study(self, cell_id: str) -> optuna.Study:
+        if self._storage is None:
+            self._storage = optuna_storage(self.storage_url, self.output)
+        if cell_id not in self._studies:
+            sampler = optuna.samplers.TPESampler(seed=self.plan.seed, n_startup_trials=max(2, self.plan.num_samples // 3))
+            self._studies[cell_id] = optuna.create_study(
+                study_name=f"{self.study_name}/{cell_id}", storage=self._storage, sampler=sampler,
+                direction="maximize", load_if_exists=True,
+            )
+        return self._studies[cell_id]
+
+    # -- Searcher API -----------------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | str | None:
+        st = self.state
+        if st.pretrain_pending:
+            key = st.pretrain_pending.pop(0)
+            st.pretrain_running.add(key)
+            st.live[trial_id] = _Live("pretrain", key)
+            return self.make_pretrain(*key.split("__"))
+        ids = list(self.cells)
+        for i in range(len(ids)):  # round robin over ready cells
+            cell = self.cells[ids[(st.cursor + i) % len(ids)]]
+            key = self.job_key(*cell.pretrain_key)
+            if st.suggested.get(cell.id, 0) >= self.plan.num_samples or key not in st.checkpoints:
+                continue
+            st.cursor = (st.cursor + i + 1) % len(ids)
+            trial = self.study(cell.id).ask()
+            train, params = sample_finetune_params(trial, cell.strategy)
+            st.suggested[cell.id] = st.suggested.get(cell.id, 0) + 1
+            st.live[trial_id] = _Live("finetune", cell.id, trial.number)
+            seed = self.plan.seed * 100003 + st.suggested[cell.id]
+            return self.make_finetune(cell, st.checkpoints[key] or None, train, params, seed)
+        if self._finished():
+            return Searcher.FINISHED
+        return None
+
+    def _finished(self) -> bool:
+        st = self.state
+        if st.pretrain_pending or st.pretrain_running:
+            return False
+        for cell in self.cells.values():
+            key = self.job_key(*cell.pretrain_key)
+            if key in st.pretrain_failed:
+                continue
+            if st.suggested.get(cell.id, 0) < self.plan.num_samples:
+                return False
+        return True
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self.state.live.pop(trial_id, None)
+        if live is None:
+            return
+        if live.kind == "pretrain":
+            self.state.pretrain_running.discard(live.key)
+            if error or not result or "checkpoint_path" not in result:
+                self.state.pretrain_failed[live.key] = "pre-training trial failed"
+            else:
+                self.state.checkpoints[live.key] = result["checkpoint_path"]
+            return
+        study = self.study(live.key)
+        if error or not result or self.score_metric not in result:
+            study.tell(live.number, state=optuna.trial.TrialState.FAIL)
+        elif result.get("epoch", 0) < self.plan.finetune_epochs:  # stopped early by the scheduler
+            study.tell(live.number, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(live.number, float(result[self.score_metric]))
+
+    def __getstate__(self) -> dict:  # Tune pickles the searcher with the experiment; storage reopens lazily
+        d = dict(self.__dict__)
+        d["_studies"], d["_storage"] = {}, None
+        return d
+
+    # -- resume -----------------------------------------------------------------------------------
+    def save(self, checkpoint_path: str) -> None:
+        tmp = Path(checkpoint_path + ".tmp")
+        tmp.write_bytes(pickle.dumps(self.state))
+        tmp.replace(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.state = pickle.loads(Path(checkpoint_path).read_bytes())
+
+    def summary(self) -> str:
+        st = self.state
+        return json.dumps({"checkpoints": len(st.checkpoints), "failed_pretrain": list(st.pretrain_failed),
+                           "suggested": sum(st.suggested.values())})

@@ -1,0 +1,51 @@
+"""The table printed at the end of a study: the best fine-tuning trial per cell, from MLflow."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from study.grid import StudyPlan
+from study.tracking import StudyTracker, open_ui_command
+
+COLUMNS = ("score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_per_epoch_s", "peak_memory_mb",
+           "trainable_fraction")
+
+
+def best_runs_per_cell(tracker: StudyTracker) -> dict[str, object]:
+    """cell id -> the finished fine-tuning run with the highest final validation score."""
+    best: dict[str, object] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for run in tracker.child_runs():
+        tags = run.data.tags
+        if tags.get("stage") != "finetune" or run.info.status != "FINISHED":
+            continue
+        cell = tags.get("cell") or f"{tags.get('pretrain')}__{tags.get('strategy')}__{tags.get('backbone')}"
+        counts[cell] += 1
+        score = run.data.metrics.get("score", float("-inf"))
+        if cell not in best or score > best[cell].data.metrics.get("score", float("-inf")):
+            best[cell] = run
+    return best
+
+
+def print_summary(results, plan: StudyPlan, tracker: StudyTracker, console: Console | None = None) -> None:
+    console = console or Console(width=max(160, Console().width))
+    best = best_runs_per_cell(tracker)
+    table = Table(title=f"Best trial per cell ({len(best)}/{len(plan.cells)} cells)")
+    for col in ("pretrain", "strategy", "backbone", *COLUMNS):
+        table.add_column(col)
+    for cell in plan.cells:
+        run = best.get(cell.id)
+        if run is None:
+            table.add_row(cell.pretrain, cell.strategy, cell.backbone, *(["-"] * len(COLUMNS)))
+            continue
+        m = run.data.metrics
+        table.add_row(cell.pretrain, cell.strategy, cell.backbone,
+                      *(f"{m[c]:.4g}" if c in m else "-" for c in COLUMNS))
+    console.print(table)
+    errors = [r for r in results if r.error] if results is not None else []
+    if errors:
+        console.print(f"{len(errors)} trial(s) failed; see the MLflow tag failure_reason")
+    console.print(f"MLflow: {open_ui_command(tracker.uri)}")

@@ -1,0 +1,194 @@
+"""MLflow tracking: one experiment per study, a parent run, one nested child run per Tune trial.
+
+A Ray Tune callback on the driver writes every trial's run, so the workers need no access to the
+tracking store. Ray's own ``MLflowLoggerCallback`` logs one flat run per trial; this one adds what the
+study needs: nesting under the study's parent run, the cell as tags, the same param and metric names
+in every run, failure and early-stop status, and idempotence on resume (a trial already in MLflow is
+updated, never re-created).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+# Final metrics every fine-tuning run carries (so the compare view lines trials up).
+FINAL_METRICS = (
+    "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_total_s", "time_per_epoch_s",
+    "peak_memory_mb", "trainable_params", "trainable_fraction", "task_storage_bytes",
+)
+_SECRET = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+_URL_AUTH = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def code_version() -> str:
+    """The git commit of the code (with ``-dirty`` for local changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> ``a.b`` keys with string values; secrets and URL credentials are never logged."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif _SECRET.search(str(k)):
+            continue
+        else:
+            out[key] = _URL_AUTH.sub(r"\1***@", str(v))[:500]
+    return out
+
+
+def numeric_metrics(result: dict) -> dict[str, float]:
+    """The finite numeric entries of a Tune result that are ours, plus Tune's ``time_total_s``.
+
+    ``time_total_s`` is the trial's wall time as Tune measures it (model building, data, training and
+    evaluation, summed over restores); ``time_per_epoch_s`` is the training loop's own time per epoch.
+    """
+    skip = {"timestamp", "time_this_iter_s", "time_since_restore", "timesteps_total", "iterations_since_restore",
+            "training_iteration", "pid", "done", "timesteps_since_restore", "episodes_total"}
+    out = {}
+    for k, v in result.items():
+        if k in skip or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+class StudyTracker:
+    """The study's experiment and parent run; created once, found again on resume."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> None:
+        self.uri = tracking_uri
+        self._client: MlflowClient | None = None
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if parent_run_id is None:
+            parent = self.client.create_run(self.experiment_id, run_name=experiment, tags={"stage": "study"})
+            parent_run_id = parent.info.run_id
+        self.parent_run_id = parent_run_id
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment; the client reconnects lazily
+        return {**self.__dict__, "_client": None}
+
+    def log_study_params(self, params: dict) -> None:
+        flat = flatten(params)
+        existing = self.client.get_run(self.parent_run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.parent_run_id, params=new[i : i + 100])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    def child_runs(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'", max_results=10000
+        )
+
+
+class MLflowTrialCallback(Callback):
+    """Tune callback: one nested MLflow run per trial, metrics per epoch, final status and reason."""
+
+    def __init__(self, tracker: StudyTracker, study_tags: dict[str, str] | None = None) -> None:
+        self.tracker = tracker
+        self.study_tags = study_tags or {}
+        self.runs: dict[str, str] = {}  # trial id -> run id
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.tracker.client
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        found = self.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.tracker.parent_run_id}' and tags.trial_id = '{trial.trial_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            cfg = trial.config
+            cell = cfg.get("cell", {})
+            tags = {
+                "mlflow.parentRunId": self.tracker.parent_run_id,
+                "trial_id": trial.trial_id,
+                "stage": cfg.get("stage", ""),
+                **{("cell" if k == "id" else k): str(v) for k, v in cell.items()},
+                **self.study_tags,
+            }
+            name = f"{cfg.get('stage', 'trial')}-{cell.get('id', trial.trial_id)}-{trial.trial_id}"
+            run_id = self.client.create_run(self.tracker.experiment_id, run_name=name, tags=tags).info.run_id
+            params = [Param(k, v) for k, v in flatten(cfg).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100])
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        tags = [RunTag("node_id", str(result.get("node_ip", "")))]
+        if "hostname" in result:
+            tags.append(RunTag("hostname", str(result["hostname"])))
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_for(trial)
+        last = trial.last_result or {}
+        planned = trial.config.get("train", {}).get("epochs") or trial.config.get("pretrain", {}).get("epochs")
+        early = trial.config.get("stage") == "finetune" and planned and last.get("epoch", planned) < planned
+        self.client.set_tag(run_id, "outcome", "stopped_early" if early else "completed")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_for(trial)
+        reason = "unknown error"
+        if trial.error_file and Path(trial.error_file).exists():
+            lines = [ln for ln in Path(trial.error_file).read_text().strip().splitlines() if ln.strip()]
+            reason = lines[-1] if lines else reason
+        self.client.set_tag(run_id, "outcome", "failed")
+        self.client.set_tag(run_id, "failure_reason", reason[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+def open_ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"open {tracking_uri} in a browser"
+
+
+__all__ = ["MLflowTrialCallback", "StudyTracker", "code_version", "flatten", "mlflow", "open_ui_command"]

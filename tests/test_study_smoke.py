@@ -1,0 +1,114 @@
+"""A smoke study end to end with the real engines: local Ray, Optuna journal, MLflow SQLite, NIfTI cohort."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from study.launch import build_parser, run_study
+from study.tracking import FINAL_METRICS
+from trainables.backbones import BackboneConfig, build_backbone
+from trainables.finetune.storage import load_finetuned
+from trainables.pretrain.loop import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = build_parser().parse_args(["--grid", "smoke", "--output", str(out)])
+        outcome = run_study(args)
+    finally:
+        ray.shutdown()
+    return outcome
+
+
+def test_one_child_run_per_trial_with_named_metrics(smoke_study) -> None:
+    trials = list(smoke_study.results)
+    plan = smoke_study.plan
+    assert len(trials) == len(plan.pretrain_jobs()) + len(plan.cells) * plan.num_samples
+    assert not [t for t in trials if t.error]
+    runs = smoke_study.tracker.child_runs()
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags["trial_id"], []).append(r)
+    assert sorted(by_trial) == sorted(t.metrics["trial_id"] for t in trials)
+    assert all(len(v) == 1 for v in by_trial.values())
+    finetune = [r for r in runs if r.data.tags["stage"] == "finetune"]
+    assert len(finetune) == len(plan.cells) * plan.num_samples
+    for r in finetune:
+        assert r.info.status == "FINISHED"
+        for key in FINAL_METRICS:
+            assert key in r.data.metrics, (r.data.tags["cell"], key)
+        for key in ("train.lr_encoder", "train.seed", "backbone.name", "strategy", "cell.pretrain"):
+            assert key in r.data.params, key
+        for tag in ("pretrain", "strategy", "backbone", "cell"):
+            assert tag in r.data.tags
+    assert {r.data.tags["stage"] for r in runs} == {"pretrain", "finetune"}
+    pre = [r for r in runs if r.data.tags["stage"] == "pretrain"]
+    assert all("time_total_s" in r.data.metrics and "peak_memory_mb" in r.data.metrics for r in pre)
+    parent = smoke_study.tracker.client.get_run(smoke_study.tracker.parent_run_id)
+    assert parent.info.status == "FINISHED" and "code_version" in parent.data.params
+
+
+def _finetune_results(smoke_study, strategy: str, pretrain: str = "reconstruction"):
+    return [t for t in smoke_study.results
+            if t.config["stage"] == "finetune" and t.config["strategy"] == strategy
+            and t.config["cell"]["pretrain"] == pretrain]
+
+
+def test_finetuning_started_from_the_pretraining_checkpoint(smoke_study) -> None:
+    (trial,) = _finetune_results(smoke_study, "top")
+    ckpt = trial.config["pretrain_checkpoint"]
+    assert ckpt and Path(ckpt).exists()
+    body = load_checkpoint(ckpt)
+    fresh = build_backbone(BackboneConfig(**trial.config["backbone"])).body_state_dict()
+    assert any(not torch.equal(body[k], fresh[k]) for k in body)  # pre-training changed the weights
+    model = load_finetuned(trial.metrics["model_path"], body_state=body)
+    state = model.state_dict()
+    trained = set(torch.load(trial.metrics["model_path"], weights_only=False)["trained"])
+    frozen = [k for k in body if k not in trained]
+    assert frozen, "top must freeze some blocks"
+    for k in frozen:  # frozen weights are exactly the checkpoint's
+        assert torch.equal(state[k], body[k]), k
+
+
+def test_top_and_lora_trained_only_what_they_should(smoke_study) -> None:
+    (top,) = _finetune_results(smoke_study, "top")
+    trained = set(torch.load(top.metrics["model_path"], weights_only=False)["trained"])
+    k = top.config["strategy_params"]["trainable_blocks"]
+    model = build_backbone(BackboneConfig(**top.config["backbone"]))
+    allowed = tuple(name + "." for name, _ in model.blocks()[-k:]) + ("seg_head.", "cls_head.")
+    assert trained and all(n.startswith(allowed) for n in trained), sorted(trained)[:5]
+    (lora,) = _finetune_results(smoke_study, "lora")
+    trained = set(torch.load(lora.metrics["model_path"], weights_only=False)["trained"])
+    assert any("lora_" in n for n in trained)
+    assert all("lora_" in n or n.startswith(("seg_head.", "cls_head.")) for n in trained), sorted(trained)[:5]
+    assert lora.metrics["trainable_fraction"] < 0.5
+
+
+def test_study_folder_holds_journal_and_mlflow(smoke_study) -> None:
+    out = smoke_study.output
+    assert (out / "mlflow.db").exists() and (out / "optuna.journal").exists()
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["parent_run_id"] == smoke_study.tracker.parent_run_id
+
+
+def test_cli_rejects_unknown_strategy_without_traceback(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "study.launch", "--grid", "smoke", "--strategies", "full,bogus",
+         "--output", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown fine-tuning strategy 'bogus'" in proc.stderr and "valid fine-tuning strategies" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,163 @@
+"""One study trial, Ray-free: a typed spec in, metrics out through a ``report`` callback.
+
+The Ray Tune trainable (``trainables/tune_trainable.py``) turns Tune's plain-dict config into one of
+these specs and passes ``ray.tune.report``; a benchmark or a test passes a plain function instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainables.backbones import BackboneConfig, build_backbone
+from trainables.data import DataConfig, load_split, make_loader
+from trainables.engine import TrainConfig, fit
+from trainables.errors import StudyInputError
+from trainables.finetune import STRATEGIES
+from trainables.finetune.storage import save_finetuned, task_storage_bytes
+from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta
+
+# report(metrics, state) -> None; ``state`` is a resumable checkpoint dict or None.
+Report = Callable[[dict, dict | None], None]
+
+
+def _data_config(d: dict) -> DataConfig:
+    d = dict(d)
+    d["input_size"] = tuple(d["input_size"])
+    return DataConfig(**d)
+
+
+@dataclass
+class PretrainTrial:
+    """A pre-training trial: one (method, backbone, pre-training config), cached by its hash."""
+
+    backbone: BackboneConfig
+    pretrain: PretrainConfig
+    data: DataConfig
+    cache_dir: str
+    data_id: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainTrial:
+        return cls(
+            backbone=BackboneConfig(**d["backbone"]),
+            pretrain=PretrainConfig(**d["pretrain"]),
+            data=_data_config(d["data"]),
+            cache_dir=d["cache_dir"],
+            data_id=d.get("data_id", ""),
+        )
+
+    def to_dict(self) -> dict:
+        return {"stage": "pretrain", **asdict(self)}
+
+
+@dataclass
+class FinetuneTrial:
+    """A fine-tuning trial: a cell's strategy and hyperparameters on a pre-trained body."""
+
+    backbone: BackboneConfig
+    strategy: str
+    strategy_params: dict
+    train: TrainConfig
+    data: DataConfig
+    pretrain_checkpoint: str | None = None
+    output_dir: str | None = None  # where the fine-tuned (trained-parameters-only) model is saved
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        STRATEGIES.get(self.strategy).make_config(self.strategy_params)  # validate before any work
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneTrial:
+        return cls(
+            backbone=BackboneConfig(**d["backbone"]),
+            strategy=d["strategy"],
+            strategy_params=dict(d.get("strategy_params") or {}),
+            train=TrainConfig(**d["train"]),
+            data=_data_config(d["data"]),
+            pretrain_checkpoint=d.get("pretrain_checkpoint"),
+            output_dir=d.get("output_dir"),
+        )
+
+    def to_dict(self) -> dict:
+        return {"stage": "finetune", **asdict(self)}
+
+
+def run_pretrain(spec: PretrainTrial, report: Report) -> dict:
+    """Pre-train (or reuse the cached checkpoint); reports every epoch, the last report has the path."""
+    loader = make_loader(load_split(spec.data, "pretrain"), spec.pretrain.batch_size, shuffle=True,
+                         seed=spec.pretrain.seed)
+    epochs: list[dict] = []
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if epoch < spec.pretrain.epochs:
+            report({**metrics, "epoch": epoch}, None)
+        epochs.append(metrics)
+
+    path, result = cached_pretrain(spec.cache_dir, spec.backbone, spec.pretrain, loader, spec.data_id, on_epoch=on_epoch)
+    final = dict(result.final) if result is not None else dict(load_meta(path).get("final", {}))
+    final.update(checkpoint_path=str(path), cache_hit=float(result is None), epoch=spec.pretrain.epochs)
+    report(final, None)
+    return final
+
+
+def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
+    """Backbone -> pre-trained body (if any) -> strategy applied; the model a fine-tuning trial trains."""
+    torch.manual_seed(spec.train.seed)
+    model = build_backbone(spec.backbone)
+    if spec.pretrain_checkpoint:
+        if not os.path.exists(spec.pretrain_checkpoint):
+            raise StudyInputError(f"pre-training checkpoint {spec.pretrain_checkpoint} does not exist")
+        model.load_body(load_checkpoint(spec.pretrain_checkpoint))
+    strategy = STRATEGIES.get(spec.strategy)
+    return strategy.apply(model, strategy.make_config(spec.strategy_params))
+
+
+def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None) -> dict:
+    """Fine-tune and evaluate; reports every epoch (``score`` = validation selection score)."""
+    train = load_split(spec.data, "train")
+    loaders = {
+        "train": make_loader(train, spec.train.batch_size, shuffle=True, seed=spec.train.seed, augment=True),
+        "val": make_loader(load_split(spec.data, "val"), spec.train.batch_size, shuffle=False, seed=0),
+        "test": make_loader(load_split(spec.data, "test"), spec.train.batch_size, shuffle=False, seed=0),
+    }
+    model = build_finetune_model(spec)
+    storage = task_storage_bytes(model)
+
+    def on_epoch(epoch: int, metrics: dict, state: Callable[[], dict]) -> None:
+        metrics["task_storage_bytes"] = storage
+        if epoch == spec.train.epochs and spec.output_dir:
+            metrics["model_path"] = _save_model(model, spec)
+        report(metrics, state())
+
+    result = fit(model, loaders["train"], loaders["val"], spec.train, spacing_mm=train.spacing_mm,
+                 test_loader=loaders["test"], on_epoch=on_epoch, resume=resume)
+    return result.final
+
+
+def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
+    path = Path(spec.output_dir) / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_finetuned(
+        model,
+        path,
+        backbone_cfg=spec.backbone.to_dict(),
+        strategy=spec.strategy,
+        strategy_cfg=spec.strategy_params,
+        pretrain_ref=spec.pretrain_checkpoint,
+    )
+    return str(path)
+
+
+def run_trial(config: dict, report: Report, resume: dict | None = None) -> dict:
+    """Dispatch a plain-dict trial config (``stage`` = pretrain | finetune) to its runner."""
+    stage = config.get("stage")
+    if stage == "pretrain":
+        return run_pretrain(PretrainTrial.from_dict(config), report)
+    if stage == "finetune":
+        return run_finetune(FinetuneTrial.from_dict(config), report, resume)
+    raise StudyInputError(f"trial config has stage {stage!r}; expected 'pretrain' or 'finetune'")

@@ -1,0 +1,49 @@
+"""The Ray Tune function trainable: a thin adapter around :func:`trainables.trials.run_trial`.
+
+Tune's plain-dict config -> typed spec -> the Ray-free core; every epoch ``ray.tune.report`` with the
+metrics and (fine-tuning) a checkpoint of the trained parameters and optimiser, from which a restored
+or retried trial continues.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from ray import tune
+
+from trainables.trials import run_trial
+
+_STATE_FILE = "state.pt"
+
+
+def _threads_for_trial() -> int:
+    """Torch threads = the CPUs Tune gave this trial, so concurrent trials do not oversubscribe cores."""
+    try:
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    except Exception:  # noqa: BLE001 - outside a Tune session
+        cpus = os.cpu_count() or 1
+    return max(1, int(cpus))
+
+
+def study_trainable(config: dict) -> None:
+    """Run one study trial under Ray Tune."""
+    torch.set_num_threads(_threads_for_trial())
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path = os.path.join(d, _STATE_FILE)
+            if os.path.exists(path):
+                resume = torch.load(path, weights_only=False)
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, _STATE_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_trial(config, report, resume=resume)
