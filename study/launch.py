@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<output>/mlflow.db)")
     p.add_argument("--optuna-storage", help="Optuna RDB URL for the per-cell studies (default: journal file)")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial before it counts failed")
+    p.add_argument("--storage", help="shared storage for Tune's state, trial checkpoints, pre-training checkpoints "
+                   "and models (a path every node sees; default: the output folder)")
+    p.add_argument("--trial-resources", default=None,
+                   help='extra custom Ray resources each fine-tuning trial needs, as JSON, e.g. \'{"gpu_node": 0.1}\'')
     return p
 
 
@@ -124,11 +128,24 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dic
     return data, data_id
 
 
-def _resources(gpus: float, cpus: float):
+def _resources(gpus: float, cpus: float, custom: dict[str, float]):
     def per_trial(config: dict) -> dict:
-        return {"cpu": cpus, "gpu": gpus}
+        extra = custom if config.get("stage") == "finetune" else {}
+        return {"cpu": cpus, "gpu": gpus, **extra}
 
     return per_trial
+
+
+def _custom_resources(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StudyInputError(f"--trial-resources is not valid JSON ({exc.msg}); example: '{{\"gpu_node\": 0.1}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise StudyInputError("--trial-resources must be a JSON object of resource name -> non-negative amount")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 @dataclass
@@ -174,7 +191,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         check_applicable(strategy, backbone, tuple(plan.input_size))
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
-    data, data_id = prepare_data(plan, output, args.cohort)
+    shared = Path(args.storage).resolve() if args.storage else output  # what every node must see
+    shared.mkdir(parents=True, exist_ok=True)
+    data, data_id = prepare_data(plan, shared, args.cohort)
 
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else 0.0
     mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
@@ -196,9 +215,10 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     elif not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
-    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(output))
-    trainable = tune.with_resources(study_trainable, _resources(gpus, args.cpus_per_trial))
-    storage = str(output / "tune")
+    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared))
+    trainable = tune.with_resources(study_trainable,
+                                    _resources(gpus, args.cpus_per_trial, _custom_resources(args.trial_resources)))
+    storage = str(shared / "tune")
     if resume and tune.Tuner.can_restore(os.path.join(storage, "study")):
         tuner = tune.Tuner.restore(os.path.join(storage, "study"), trainable, resume_unfinished=True)
     else:

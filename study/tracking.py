@@ -160,7 +160,7 @@ class MLflowTrialCallback(Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
-        tags = [RunTag("node_id", str(result.get("node_ip", "")))]
+        tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         if "hostname" in result:
             tags.append(RunTag("hostname", str(result["hostname"])))
         for i in range(0, len(metrics), 500):

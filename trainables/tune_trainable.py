@@ -27,6 +27,15 @@ def _threads_for_trial() -> int:
     return max(1, int(cpus))
 
 
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not inside Ray
+        return ""
+
+
 def study_trainable(config: dict) -> None:
     """Run one study trial under Ray Tune."""
     torch.set_num_threads(_threads_for_trial())
@@ -38,7 +47,10 @@ def study_trainable(config: dict) -> None:
             if os.path.exists(path):
                 resume = torch.load(path, weights_only=False)
 
+    node_id = _node_id()
+
     def report(metrics: dict, state: dict | None) -> None:
+        metrics = {**metrics, "node_id": node_id}
         if state is None:
             tune.report(metrics)
             return
