@@ -1,14 +1,14 @@
 """The study's grid: cells (pre-training method x fine-tuning strategy x backbone) and their budget.
 
-``smoke`` is a tiny end-to-end run (16^3 volumes, a few trials, a couple of minutes on 2 cores);
-``full`` is every registered pre-training method x every registered strategy on the default backbone,
-sized for a 2-core laptop. The names come from the registries; no other list of names is kept here.
+A *grid* says which cells (``smoke``: 2 methods x 3 strategies; ``full``: every registered method x
+every registered strategy; or a grid file), a *budget* how big (``smoke``, ``laptop``, ``paper``).
+The names come from the registries; no other list of names is kept here.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from trainables.backbones import BACKBONES
 from trainables.errors import StudyInputError
@@ -20,11 +20,20 @@ DEFAULT_BACKBONE = "segresnet"
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of the grid."""
+    """One cell of the grid.
+
+    Args:
+        pretrain, strategy, backbone: registered names.
+        num_samples: trials for this cell (default: the plan's ``num_samples``).
+        params: fixed hyperparameters ``{"train": {...}, "strategy_params": {...}}``: the cell is not
+            searched, every trial uses these (with its own seed), e.g. from ``best_configs.yaml``.
+    """
 
     pretrain: str
     strategy: str
     backbone: str
+    num_samples: int | None = field(default=None, compare=False)
+    params: dict | None = field(default=None, compare=False, hash=False)
 
     @property
     def id(self) -> str:
@@ -35,7 +44,7 @@ class Cell:
         return (self.pretrain, self.backbone)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone}
 
 
 @dataclass
@@ -54,6 +63,8 @@ class StudyPlan:
         spacing_mm: voxel spacing the volumes are resampled to.
         input_size: model input size (voxels per side).
         seed: the study's seed (cohort, Optuna samplers, trial seeds).
+        grace_period: epochs every fine-tuning trial runs before ASHA may stop it.
+        seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no).
     """
 
     name: str
@@ -68,7 +79,7 @@ class StudyPlan:
     input_size: tuple[int, int, int] = (32, 32, 32)
     seed: int = 0
     grace_period: int = 2
-    extra: dict = field(default_factory=dict)
+    seeds: int = 0
 
     def __post_init__(self) -> None:
         if not self.cells:
@@ -84,6 +95,14 @@ class StudyPlan:
                     f"cell {cell.id}: swinunetr needs an input size that is a multiple of 32, got {self.input_size}"
                 )
 
+    def samples(self, cell: Cell) -> int:
+        """Search trials of ``cell``."""
+        return cell.num_samples or self.num_samples
+
+    def total_trials(self) -> int:
+        """Pre-training jobs + every cell's search trials + the seed re-runs."""
+        return len(self.pretrain_jobs()) + sum(self.samples(c) + self.seeds for c in self.cells)
+
     def backbone_width(self, backbone: str) -> int:
         return 12 * max(1, round(self.width / 12)) if backbone == "swinunetr" else self.width
 
@@ -96,28 +115,61 @@ def cross(pretrain: list[str], strategies: list[str], backbones: list[str]) -> l
     return [Cell(p, s, b) for b, p, s in itertools.product(backbones, pretrain, strategies)]
 
 
-def smoke_plan(name: str = "smoke") -> StudyPlan:
-    """A couple of minutes on 2 cores: 2 pre-training methods x 3 strategies, 16^3 volumes."""
+# Budgets: the sizes and counts a grid is run at. Wall times are measured in bench/ (see README).
+BUDGETS: dict[str, dict] = {
+    # the whole path in a couple of minutes on 2 cores
+    "smoke": dict(num_samples=1, pretrain_epochs=1, finetune_epochs=2, width=8, subjects=12, spacing_mm=4.0,
+                  input_size=(16, 16, 16), grace_period=1),
+    # the full grid on a 2-core laptop in at most 30 minutes: 32^3 at 2 mm, narrow networks, 2 trials per cell
+    "laptop": dict(num_samples=2, pretrain_epochs=3, finetune_epochs=3, width=8, subjects=24, spacing_mm=2.0,
+                   input_size=(32, 32, 32), grace_period=2),
+    # a GPU cluster: 1 mm template resolution, every backbone, tens of epochs and trials per cell
+    "paper": dict(num_samples=20, pretrain_epochs=50, finetune_epochs=40, width=24, subjects=200, spacing_mm=1.0,
+                  input_size=(64, 64, 64), grace_period=8),
+}
+
+
+def default_budget() -> str:
+    """``paper`` where torch sees a GPU, ``laptop`` otherwise."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "laptop"
+
+
+def smoke_grid(name: str = "smoke", budget: str = "smoke") -> StudyPlan:
+    """2 pre-training methods x 3 strategies on the default backbone."""
     cells = cross(["none", "reconstruction"], ["full", "top", "lora"], [DEFAULT_BACKBONE])
-    return StudyPlan(name=name, cells=cells, num_samples=1, pretrain_epochs=1, finetune_epochs=2, width=8,
-                     subjects=12, spacing_mm=4.0, input_size=(16, 16, 16), grace_period=1)
+    return StudyPlan(name=name, cells=cells, **BUDGETS[budget])
 
 
-def full_plan(name: str = "full") -> StudyPlan:
-    """Every registered pre-training method x every registered strategy on the default backbone."""
-    cells = cross(PRETRAIN_METHODS.names(), STRATEGIES.names(), [DEFAULT_BACKBONE])
-    return StudyPlan(name=name, cells=cells)
+def full_grid(name: str = "full", budget: str = "laptop") -> StudyPlan:
+    """Every registered pre-training method x every registered strategy; every backbone at the paper budget."""
+    backbones = BACKBONES.names() if budget == "paper" else [DEFAULT_BACKBONE]
+    cells = cross(PRETRAIN_METHODS.names(), STRATEGIES.names(), backbones)
+    return StudyPlan(name=name, cells=cells, **BUDGETS[budget])
 
 
-GRIDS = {"smoke": smoke_plan, "full": full_plan}
+GRIDS = {"smoke": smoke_grid, "full": full_grid}
+GRID_DEFAULT_BUDGET = {"smoke": "smoke"}
 
 
-def select_plan(grid: str, *, methods: list[str] | None = None, strategies: list[str] | None = None,
-                backbones: list[str] | None = None, **overrides: object) -> StudyPlan:
-    """The named grid, filtered by method/strategy/backbone lists and with field overrides."""
-    if grid not in GRIDS:
-        raise StudyInputError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
-    plan = GRIDS[grid]()
+def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | None = None,
+                strategies: list[str] | None = None, backbones: list[str] | None = None,
+                **overrides: object) -> StudyPlan:
+    """The named grid (or grid file) at a budget, filtered by method/strategy/backbone lists and with
+    field overrides."""
+    if budget is not None and budget not in BUDGETS:
+        raise StudyInputError(f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGETS)}")
+    if grid.endswith((".yaml", ".yml")):
+        from study.grid_file import load_grid_file
+
+        plan = load_grid_file(grid)
+        if budget is not None:
+            plan = replace(plan, **BUDGETS[budget])
+    elif grid not in GRIDS:
+        raise StudyInputError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}, or a FILE.yaml")
+    else:
+        plan = GRIDS[grid](grid, budget or GRID_DEFAULT_BUDGET.get(grid) or default_budget())
     for names, registry in ((methods, PRETRAIN_METHODS), (strategies, STRATEGIES), (backbones, BACKBONES)):
         for n in names or []:
             registry.get(n)
@@ -125,7 +177,7 @@ def select_plan(grid: str, *, methods: list[str] | None = None, strategies: list
     if backbones:
         # a backbone filter replaces the grid's backbones, keeping its methods x strategies
         base = list(dict.fromkeys((c.pretrain, c.strategy) for c in cells))
-        cells = [Cell(p, s, b) for b in backbones for p, s in base]
+        cells = [Cell(p, s, b) for b in backbones for p, s in base]  # per-cell params do not carry over
     cells = [c for c in cells if (not methods or c.pretrain in methods) and (not strategies or c.strategy in strategies)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return replace(plan, cells=cells, **overrides)

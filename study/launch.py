@@ -47,9 +47,11 @@ class TrialFactory:
             "cache_dir": str(Path(self.output) / "pretrain_cache"),
         }
 
-    def finetune(self, cell: Cell, checkpoint: str | None, train: dict, params: dict, seed: int) -> dict:
+    def finetune(self, cell: Cell, checkpoint: str | None, train: dict, params: dict, seed: int,
+                 phase: str = "search") -> dict:
         return {
             "stage": "finetune",
+            "phase": phase,
             "cell": {**cell.to_dict(), "id": cell.id},
             "backbone": self.backbone(cell.backbone),
             "strategy": cell.strategy,
@@ -67,7 +69,9 @@ def _comma(value: str | None) -> list[str] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__.split("\n")[0])
-    p.add_argument("--grid", default="full", help=f"grid preset: {', '.join(GRIDS)}")
+    p.add_argument("--grid", default="full", help=f"grid preset ({', '.join(GRIDS)}) or a grid FILE.yaml")
+    p.add_argument("--budget", choices=None, help="smoke | laptop | paper: sizes, epochs and trials "
+                   "(default: smoke for --grid smoke; else laptop without a GPU, paper with one)")
     p.add_argument("--output", help="study folder (default runs/<grid>)")
     p.add_argument("--resume", metavar="DIR", help="continue the study in DIR")
     p.add_argument("--cohort", help="manifest.csv of your own cohort (default: the embedded synthetic cohort)")
@@ -76,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma list of fine-tuning strategies to keep")
     p.add_argument("--backbones", help="comma list of backbones")
     p.add_argument("--seed", type=int, help="study seed")
+    p.add_argument("--seeds", type=int, help="re-run each cell's best configuration with N new seeds (mean +- std)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: start a local Ray")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial (0.25 = four per GPU)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPU share per trial (0.25 = four per GPU); default: measured per cell on a GPU cluster, 0 without")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores per trial (torch threads follow)")
     p.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0 = as resources allow)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<output>/mlflow.db)")
@@ -94,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
     return select_plan(
         args.grid,
+        budget=args.budget,
         methods=_comma(args.methods),
         strategies=_comma(args.strategies),
         backbones=_comma(args.backbones),
         num_samples=args.num_samples,
         seed=args.seed,
+        seeds=args.seeds,
     )
 
 
@@ -128,14 +136,6 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dic
     return data, data_id
 
 
-def _resources(gpus: float, cpus: float, custom: dict[str, float]):
-    def per_trial(config: dict) -> dict:
-        extra = custom if config.get("stage") == "finetune" else {}
-        return {"cpu": cpus, "gpu": gpus, **extra}
-
-    return per_trial
-
-
 def _custom_resources(text: str | None) -> dict[str, float]:
     if not text:
         return {}
@@ -163,7 +163,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     import ray
     from ray import tune
 
-    from study.progress import ProgressCallback, setup_logging
+    from study.progress import ProgressCallback, log, setup_logging
+    from study.resources import measure_shares, trial_resources
     from study.scheduling import PerCellASHA
     from study.searcher import StudySearcher
     from study.summary import print_summary
@@ -195,7 +196,6 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     shared.mkdir(parents=True, exist_ok=True)
     data, data_id = prepare_data(plan, shared, args.cohort)
 
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else 0.0
     mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
     saved = json.loads(study_file.read_text()) if resume else {}
     tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"))
@@ -216,13 +216,18 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
     factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared))
-    trainable = tune.with_resources(study_trainable,
-                                    _resources(gpus, args.cpus_per_trial, _custom_resources(args.trial_resources)))
+    shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
+    if shares:
+        log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
+    trainable = tune.with_resources(
+        study_trainable,
+        trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, _custom_resources(args.trial_resources)),
+    )
     storage = str(shared / "tune")
     if resume and tune.Tuner.can_restore(os.path.join(storage, "study")):
         tuner = tune.Tuner.restore(os.path.join(storage, "study"), trainable, resume_unfinished=True)
     else:
-        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output),
+        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(shared),
                                  study_name=plan.name, storage_url=args.optuna_storage)
         # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
         # trials report no selection score, and Tune's strict metric check would reject them.
@@ -230,21 +235,43 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                                 grace_period=plan.grace_period)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True, max_concurrent_trials=args.max_concurrent or None),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True,
+                                        max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(
                 name="study",
                 storage_path=storage,
                 callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}),
-                           ProgressCallback(len(plan.pretrain_jobs()) + len(plan.cells) * plan.num_samples)],
+                           ProgressCallback(plan.total_trials(), [c.id for c in plan.cells])],
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
             ),
         )
     results = tuner.fit()
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished or len(results) < _expected_trials(plan, results):
+        log.info(f"study interrupted with {unfinished} trial(s) unfinished; its state is saved. "
+                 f"Continue it with: python -m study.launch --resume {output}")
+        raise StudyInterrupted(str(output))
     tracker.finish("FINISHED")
     print_summary(results, plan, tracker)
     return StudyOutcome(results=results, tracker=tracker, plan=plan, output=output)
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C (SIGINT): Tune saved the experiment; ``--resume`` continues it."""
+
+
+def _expected_trials(plan: StudyPlan, results) -> int:
+    """Trials the finished study has: the plan's, less the cells whose pre-training failed."""
+    failed = {(r.config["cell"]["pretrain"], r.config["cell"]["backbone"]) for r in results
+              if r.error and r.config.get("stage") == "pretrain"}
+    skipped = sum(plan.samples(c) + plan.seeds for c in plan.cells if c.pretrain_key in failed)
+    if plan.seeds:  # a cell none of whose search trials finished has no best configuration to re-run
+        ok = {r.config["cell"]["id"] for r in results if not r.error and r.config.get("phase") == "search"
+              and r.metrics.get("epoch", 0) >= plan.finetune_epochs}
+        skipped += sum(plan.seeds for c in plan.cells if c.pretrain_key not in failed and c.id not in ok)
+    return plan.total_trials() - skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StudyInterrupted as exc:
+        print(f"interrupted: continue with python -m study.launch --resume {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: continue with python -m study.launch --resume <output>", file=sys.stderr)
         return 130

@@ -51,9 +51,9 @@ def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, di
 
 @dataclass
 class _Live:
-    kind: str  # "pretrain" | "finetune"
+    kind: str  # "pretrain" | "finetune" | "seeds"
     key: str  # pre-training job key or cell id
-    number: int = -1  # Optuna trial number
+    number: int = -1  # Optuna trial number (-1: fixed parameters, nothing to tell Optuna)
 
 
 @dataclass
@@ -62,7 +62,11 @@ class _State:
     pretrain_running: set[str] = field(default_factory=set)
     checkpoints: dict[str, str] = field(default_factory=dict)
     pretrain_failed: dict[str, str] = field(default_factory=dict)
-    suggested: dict[str, int] = field(default_factory=dict)  # cell id -> trials suggested
+    suggested: dict[str, int] = field(default_factory=dict)  # cell id -> search trials suggested
+    completed: dict[str, int] = field(default_factory=dict)  # cell id -> search trials ended (any outcome)
+    best: dict[str, tuple[float, dict, dict]] = field(default_factory=dict)  # cell id -> (score, train, params)
+    reruns: dict[str, int] = field(default_factory=dict)  # cell id -> seed re-runs suggested
+    asked: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # trial id -> (train, params)
     live: dict[str, _Live] = field(default_factory=dict)
     cursor: int = 0
 
@@ -73,7 +77,8 @@ class StudySearcher(Searcher):
     Args:
         plan: the grid.
         make_pretrain: ``(method, backbone) -> trial config`` for a pre-training job.
-        make_finetune: ``(cell, checkpoint, train params, strategy params, seed) -> trial config``.
+        make_finetune: ``(cell, checkpoint, train params, strategy params, seed, phase) -> trial config``;
+            ``phase`` is ``search`` or ``seeds`` (a re-run of the cell's best configuration).
         output: the study's output folder (holds the Optuna journal unless ``storage_url`` is given).
         storage_url: an Optuna RDB URL for the per-cell studies.
         study_name: prefix of the Optuna study names.
@@ -83,7 +88,7 @@ class StudySearcher(Searcher):
         self,
         plan: StudyPlan,
         make_pretrain: Callable[[str, str], dict],
-        make_finetune: Callable[[Cell, str | None, dict, dict, int], dict],
+        make_finetune: Callable[[Cell, str | None, dict, dict, int, str], dict],
         output: str,
         study_name: str,
         storage_url: str | None = None,
@@ -126,28 +131,60 @@ class StudySearcher(Searcher):
         for i in range(len(ids)):  # round robin over ready cells
             cell = self.cells[ids[(st.cursor + i) % len(ids)]]
             key = self.job_key(*cell.pretrain_key)
-            if st.suggested.get(cell.id, 0) >= self.plan.num_samples or key not in st.checkpoints:
+            if key not in st.checkpoints:
                 continue
-            st.cursor = (st.cursor + i + 1) % len(ids)
-            trial = self.study(cell.id).ask()
-            train, params = sample_finetune_params(trial, cell.strategy)
-            st.suggested[cell.id] = st.suggested.get(cell.id, 0) + 1
-            st.live[trial_id] = _Live("finetune", cell.id, trial.number)
-            seed = self.plan.seed * 100003 + st.suggested[cell.id]
-            return self.make_finetune(cell, st.checkpoints[key] or None, train, params, seed)
+            config = self._suggest_search(trial_id, cell, key) or self._suggest_rerun(trial_id, cell, key)
+            if config is not None:
+                st.cursor = (st.cursor + i + 1) % len(ids)
+                return config
         if self._finished():
             return Searcher.FINISHED
         return None
 
+    def _suggest_search(self, trial_id: str, cell: Cell, key: str) -> dict | None:
+        st = self.state
+        n = st.suggested.get(cell.id, 0)
+        if n >= self.plan.samples(cell):
+            return None
+        if cell.params is not None:  # fixed configuration: no search
+            train, params, number = dict(cell.params.get("train", {})), dict(cell.params.get("strategy_params", {})), -1
+        else:
+            trial = self.study(cell.id).ask()
+            train, params = sample_finetune_params(trial, cell.strategy)
+            number = trial.number
+        st.suggested[cell.id] = n + 1
+        st.live[trial_id] = _Live("finetune", cell.id, number)
+        st.asked[trial_id] = (train, params)
+        seed = self.plan.seed * 100003 + n + 1
+        return self.make_finetune(cell, st.checkpoints[key] or None, train, params, seed, "search")
+
+    def _suggest_rerun(self, trial_id: str, cell: Cell, key: str) -> dict | None:
+        """Once a cell's search has ended, its best configuration again with ``plan.seeds`` new seeds."""
+        st = self.state
+        done = st.reruns.get(cell.id, 0)
+        if done >= self.plan.seeds or st.completed.get(cell.id, 0) < self.plan.samples(cell) or cell.id not in st.best:
+            return None
+        _, train, params = st.best[cell.id]
+        st.reruns[cell.id] = done + 1
+        st.live[trial_id] = _Live("seeds", cell.id)
+        seed = self.plan.seed * 100003 + 50000 + done + 1
+        return self.make_finetune(cell, st.checkpoints[key] or None, train, params, seed, "seeds")
+
+    def is_finished(self) -> bool:
+        """Every trial of the study has been suggested and has ended."""
+        return self._finished()
+
     def _finished(self) -> bool:
         st = self.state
-        if st.pretrain_pending or st.pretrain_running:
+        if st.pretrain_pending or st.pretrain_running or st.live:
             return False
         for cell in self.cells.values():
             key = self.job_key(*cell.pretrain_key)
             if key in st.pretrain_failed:
                 continue
-            if st.suggested.get(cell.id, 0) < self.plan.num_samples:
+            if st.suggested.get(cell.id, 0) < self.plan.samples(cell):
+                return False
+            if cell.id in st.best and st.reruns.get(cell.id, 0) < self.plan.seeds:
                 return False
         return True
 
@@ -162,13 +199,25 @@ class StudySearcher(Searcher):
             else:
                 self.state.checkpoints[live.key] = result["checkpoint_path"]
             return
-        study = self.study(live.key)
+        if live.kind == "seeds":
+            return
+        st = self.state
+        st.completed[live.key] = st.completed.get(live.key, 0) + 1
+        asked = st.asked.pop(trial_id, ({}, {}))
         if error or not result or self.score_metric not in result:
-            study.tell(live.number, state=optuna.trial.TrialState.FAIL)
+            state, value = optuna.trial.TrialState.FAIL, None
         elif result.get("epoch", 0) < self.plan.finetune_epochs:  # stopped early by the scheduler
-            study.tell(live.number, state=optuna.trial.TrialState.PRUNED)
+            state, value = optuna.trial.TrialState.PRUNED, None
         else:
-            study.tell(live.number, float(result[self.score_metric]))
+            state, value = optuna.trial.TrialState.COMPLETE, float(result[self.score_metric])
+            if live.key not in st.best or value > st.best[live.key][0]:
+                st.best[live.key] = (value, *asked)
+        if live.number >= 0:
+            study = self.study(live.key)
+            if value is None:
+                study.tell(live.number, state=state)
+            else:
+                study.tell(live.number, value)
 
     def __getstate__(self) -> dict:  # Tune pickles the searcher with the experiment; storage reopens lazily
         d = dict(self.__dict__)

@@ -141,6 +141,7 @@ class MLflowTrialCallback(Callback):
                 "mlflow.parentRunId": self.tracker.parent_run_id,
                 "trial_id": trial.trial_id,
                 "stage": cfg.get("stage", ""),
+                "phase": cfg.get("phase", ""),
                 **{("cell" if k == "id" else k): str(v) for k, v in cell.items()},
                 **self.study_tags,
             }

@@ -35,3 +35,16 @@ def tiny_cohort_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
     target = tmp_path / "cohort"
     shutil.copytree(tiny_cohort.parent, target, ignore=shutil.ignore_patterns(".cache"))
     return target / "manifest.csv"
+
+
+def start_local_ray(**kwargs) -> None:
+    """A real local Ray whose workers can import this folder's test modules (their trainables)."""
+    import os
+
+    import ray
+
+    here = str(Path(__file__).resolve().parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    ray.init(include_dashboard=False, log_to_driver=False, **kwargs)

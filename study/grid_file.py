@@ -1,0 +1,133 @@
+"""``--grid FILE.yaml``: a grid written by hand or by the report (``best_configs.yaml``).
+
+Format (every key but ``cells`` optional)::
+
+    name: lora-vs-full            # the study's name
+    base: smoke                   # the budget whose sizes and epochs are the defaults (smoke | laptop | paper)
+    num_samples: 4                # any StudyPlan field: finetune_epochs, width, input_size, seeds, ...
+    cells:
+      - pretrain: reconstruction
+        strategy: lora
+        backbone: segresnet       # default: segresnet
+        num_samples: 2            # this cell's trials
+        params:                   # fixed hyperparameters: this cell is not searched
+          train: {lr_encoder: 0.0001, lr_decoder: 0.001, lr_heads: 0.001, weight_decay: 1.0e-5}
+          strategy_params: {rank: 8, alpha: 16}
+
+Loaded with ``yaml.safe_load`` only; every problem is a :class:`StudyInputError` naming the file, the
+line where YAML can tell it, the cell and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from study.grid import BUDGETS, DEFAULT_BACKBONE, Cell, StudyPlan
+from trainables.engine import TrainConfig
+from trainables.errors import StudyInputError
+from trainables.finetune import STRATEGIES
+
+_PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
+_CELL_KEYS = {"pretrain", "strategy", "backbone", "num_samples", "params"}
+_TRAIN_SEARCHED = {"lr_encoder", "lr_decoder", "lr_heads", "weight_decay", "seg_weight", "cls_weight"}
+
+
+def _load_yaml(path: Path) -> object:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise StudyInputError(f"grid file {path}: cannot be read ({exc.strerror}); check the path") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StudyInputError(f"grid file {path}: malformed YAML{where}: {problem}") from None
+
+
+def _cell(path: Path, i: int, raw: object) -> Cell:
+    where = f"grid file {path}, cell {i + 1}"
+    if not isinstance(raw, dict):
+        raise StudyInputError(f"{where}: each cell must be a mapping with pretrain, strategy, backbone")
+    unknown = set(raw) - _CELL_KEYS
+    if unknown:
+        raise StudyInputError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_CELL_KEYS)}")
+    for key in ("pretrain", "strategy"):
+        if not isinstance(raw.get(key), str):
+            raise StudyInputError(f"{where}: '{key}' is required and must be a name")
+    n = raw.get("num_samples")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise StudyInputError(f"{where}: num_samples must be a positive integer, got {n!r}")
+    params = raw.get("params")
+    if params is not None:
+        params = _check_params(where, raw["strategy"], params)
+    return Cell(raw["pretrain"], raw["strategy"], raw.get("backbone") or DEFAULT_BACKBONE, n, params)
+
+
+def _check_params(where: str, strategy: str, params: object) -> dict:
+    if not isinstance(params, dict) or set(params) - {"train", "strategy_params"}:
+        raise StudyInputError(f"{where}: params must be a mapping with 'train' and/or 'strategy_params'")
+    train = params.get("train") or {}
+    strategy_params = params.get("strategy_params") or {}
+    if not isinstance(train, dict) or not isinstance(strategy_params, dict):
+        raise StudyInputError(f"{where}: params.train and params.strategy_params must be mappings")
+    bad = set(train) - _TRAIN_SEARCHED
+    if bad:
+        raise StudyInputError(f"{where}: params.train has unknown keys {sorted(bad)}; allowed: {sorted(_TRAIN_SEARCHED)}")
+    try:
+        TrainConfig(**train)
+    except (TypeError, ValueError) as exc:
+        raise StudyInputError(f"{where}: params.train: {exc}") from None
+    try:
+        STRATEGIES.get(strategy).make_config(strategy_params)
+    except StudyInputError as exc:
+        raise StudyInputError(f"{where}: params.strategy_params: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise StudyInputError(f"{where}: params.strategy_params: {exc}") from None
+    return {"train": dict(train), "strategy_params": dict(strategy_params)}
+
+
+def load_grid_file(path: str | Path) -> StudyPlan:
+    """Read and validate a grid file into a :class:`StudyPlan`."""
+    path = Path(path)
+    raw = _load_yaml(path)
+    if not isinstance(raw, dict):
+        raise StudyInputError(f"grid file {path}: expected a mapping with a 'cells' list at the top level")
+    base = raw.get("base", "smoke")
+    if base not in BUDGETS:
+        raise StudyInputError(f"grid file {path}: unknown base {base!r}; valid budgets: {', '.join(BUDGETS)}")
+    unknown = set(raw) - _PLAN_FIELDS - {"base", "cells", "name"}
+    if unknown:
+        raise StudyInputError(f"grid file {path}: unknown keys {sorted(unknown)}; allowed: "
+                              f"{sorted(_PLAN_FIELDS | {'base', 'cells', 'name'})}")
+    cells = raw.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise StudyInputError(f"grid file {path}: 'cells' must be a non-empty list")
+    plan = StudyPlan(name="grid", cells=[Cell("none", "full", DEFAULT_BACKBONE)], **BUDGETS[base])
+    overrides = {k: raw[k] for k in raw if k in _PLAN_FIELDS}
+    for key, value in overrides.items():
+        default = getattr(plan, key)
+        if key == "input_size":
+            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and v >= 8 for v in value)):
+                raise StudyInputError(f"grid file {path}: input_size must be a list of three integers >= 8")
+            overrides[key] = tuple(value)
+        elif isinstance(default, bool) or not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int)
+        ):
+            raise StudyInputError(f"grid file {path}: {key} must be a {type(default).__name__}, got {value!r}")
+        elif isinstance(value, (int, float)) and value < 0:
+            raise StudyInputError(f"grid file {path}: {key} must be >= 0, got {value!r}")
+    name = str(raw.get("name") or path.stem)
+    return dataclasses.replace(plan, name=name, cells=[_cell(path, i, c) for i, c in enumerate(cells)], **overrides)
+
+
+def dump_grid_file(plan_fields: dict, cells: list[dict], path: str | Path) -> None:
+    """Write a grid file (atomically) that :func:`load_grid_file` reads back."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump({**plan_fields, "cells": cells}, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,150 @@
+"""The report's figures (matplotlib, Agg backend, PNG): cost/accuracy trade-offs with their Pareto
+front, a method x strategy heatmap, learning curves and per-cell Optuna hyperparameter importances."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 110
+_MARKERS = "osD^v<>Pp*hX"
+
+
+def pareto_front(costs: list[float], gains: list[float]) -> list[int]:
+    """Indices of the points no other point beats (cost no higher and gain no lower, one strictly)."""
+    front = []
+    for i, (c, g) in enumerate(zip(costs, gains, strict=True)):
+        dominated = any(
+            (c2 <= c and g2 >= g) and (c2 < c or g2 > g) for j, (c2, g2) in enumerate(zip(costs, gains, strict=True))
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: costs[i])
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(points: list[dict], cost_key: str, cost_label: str, path: Path) -> Path:
+    """Test accuracy against a cost (one point per cell), the Pareto front drawn and its cells named.
+
+    Args:
+        points: dicts with ``label``, ``strategy``, ``pretrain``, ``accuracy`` and ``cost_key``.
+        cost_key: which key holds the cost (lower is better).
+        cost_label: the x-axis label.
+        path: the PNG to write.
+    """
+    pts = [p for p in points if _finite(p.get(cost_key)) and _finite(p.get("accuracy"))]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    strategies = sorted({p["strategy"] for p in pts})
+    methods = sorted({p["pretrain"] for p in pts})
+    cmap = plt.get_cmap("tab20")
+    for p in pts:
+        ax.scatter(p[cost_key], p["accuracy"], s=46, color=cmap(strategies.index(p["strategy"]) % 20),
+                   marker=_MARKERS[methods.index(p["pretrain"]) % len(_MARKERS)], edgecolor="black", linewidth=0.4)
+    front = pareto_front([p[cost_key] for p in pts], [p["accuracy"] for p in pts]) if pts else []
+    if front:
+        xs, ys = [pts[i][cost_key] for i in front], [pts[i]["accuracy"] for i in front]
+        ax.step(xs, ys, where="post", color="crimson", linewidth=1.2, label="Pareto front")
+        ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="crimson", linewidth=1.4)
+        for i in front:
+            ax.annotate(pts[i]["label"], (pts[i][cost_key], pts[i]["accuracy"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    for s in strategies:
+        ax.scatter([], [], color=cmap(strategies.index(s) % 20), label=f"strategy {s}")
+    for m in methods:
+        ax.scatter([], [], color="white", edgecolor="black", marker=_MARKERS[methods.index(m) % len(_MARKERS)],
+                   label=f"pre-training {m}")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel("test accuracy (presence)")
+    ax.set_title(f"Accuracy vs {cost_label} ({len(pts)} cells)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_heatmap(values: dict[tuple[str, str], float], methods: list[str], strategies: list[str], title: str,
+                 path: Path) -> Path:
+    """A pre-training method (rows) x strategy (columns) heatmap; missing cells are grey."""
+    grid = np.full((len(methods), len(strategies)), np.nan)
+    for (m, s), v in values.items():
+        if m in methods and s in strategies and _finite(v):
+            grid[methods.index(m), strategies.index(s)] = v
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(strategies), 1.2 + 0.55 * len(methods)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for (r, c), v in np.ndenumerate(grid):
+        ax.text(c, r, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if np.isnan(v) or v > 0.6 else "white")
+    ax.set_xticks(range(len(strategies)), strategies, rotation=45, ha="right")
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Validation selection score per epoch, one line per cell (its best trial)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(curves.items()):
+        if points:
+            steps, values = zip(*sorted(points), strict=True)
+            ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation score")
+    ax.set_title("Learning curves of the best trial per cell")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def cell_importances(storage: object, study_name: str, min_trials: int) -> dict[str, float] | str:
+    """Hyperparameter importances (PED-ANOVA, which handles conditional parameters) of one Optuna study.
+
+    Returns the importances, or a sentence saying why there are none (too few completed trials, ...).
+    """
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return "no Optuna study (fixed parameters, or no trial was suggested)"
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < min_trials:
+        return f"{len(complete)} completed trial(s), fewer than the {min_trials} needed for importances"
+    if not any(t.params for t in complete):
+        return "no searched hyperparameters"
+    try:
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+        return f"importances could not be computed ({' '.join(str(exc).split())[:160]})"
+
+
+def plot_importances(cell: str, importances: dict[str, float], path: Path) -> Path:
+    """Horizontal bars of one cell's hyperparameter importances."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.35 * max(1, len(items))))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="steelblue")
+    ax.set_xlabel("importance (PED-ANOVA)")
+    ax.set_title(cell, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,173 @@
+"""``python -m study.predict``: segment the PCS in one T1 image and give its presence per hemisphere.
+
+Examples::
+
+    python -m study.predict --model pcs-smoke-smoke-none__full__segresnet@best \\
+        --tracking-uri sqlite:///runs/smoke/mlflow.db IMAGE.nii.gz --output pcs.nii.gz
+    python -m study.predict --model runs/smoke/models/none__full__segresnet__1/model.pt IMAGE.nii.gz
+
+The image is preprocessed exactly as in training (``trainables.data``: RAS, the model's voxel spacing,
+centred crop/pad to its input size, z-score); the segmentation (0 background, 1 left PCS, 2 right
+PCS) is mapped back, nearest-neighbour, onto the input image's own voxel grid, so the output has the
+input's shape and affine. The model's spacing and input size come from ``model_info.json`` next to
+the model (registered models have it) or from the ``study.json`` of the study folder holding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainables.errors import StudyInputError
+
+
+@dataclass
+class Prediction:
+    """The segmentation on the input's grid, the input's affine, and P(PCS present) [left, right]."""
+
+    segmentation: np.ndarray
+    affine: np.ndarray
+    probabilities: tuple[float, float]
+
+
+def _geometry_from_study(model_file: Path) -> dict:
+    """Spacing and input size from the ``study.json`` of a study folder that holds ``model_file``."""
+    for folder in model_file.resolve().parents:
+        study = folder / "study.json"
+        if study.is_file():
+            plan = json.loads(study.read_text()).get("plan", {})
+            return {"spacing_mm": plan.get("spacing_mm"), "input_size": plan.get("input_size")}
+    return {}
+
+
+def load_model(spec: str, tracking_uri: str | None, workdir: str | Path):
+    """``(model, info)`` from a ``model.pt`` path (or its folder) or a registered ``NAME[@ALIAS]``."""
+    from study.model_registry import download_registered, load_model_folder
+
+    path = Path(spec)
+    if path.exists():
+        model, info = load_model_folder(path)
+        if not info.get("spacing_mm") or not info.get("input_size"):
+            info = {**_geometry_from_study(path), **{k: v for k, v in info.items() if v}}
+    elif spec.endswith((".pt", ".pth")) or os.sep in spec:
+        raise StudyInputError(f"model file {spec} does not exist; give a model.pt path or a registered model name")
+    else:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise StudyInputError(f"--model {spec!r} is not a file, so it names a registered model: give "
+                                  "--tracking-uri (e.g. sqlite:///runs/smoke/mlflow.db) or set MLFLOW_TRACKING_URI")
+        model, info = load_model_folder(download_registered(spec, uri, workdir))
+    if not info.get("spacing_mm") or not info.get("input_size"):
+        raise StudyInputError(f"cannot tell the voxel spacing and input size of model {spec}: no model_info.json "
+                              "next to it and no study.json above it; use a registered model or a study's model.pt")
+    return model, info
+
+
+def check_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Open and check one image like a training subject (readable NIfTI, 3D, finite, not constant)."""
+    from trainables.data import SubjectRecord, _load_checked
+
+    if not path.is_file():
+        raise StudyInputError(f"image {path} does not exist; give a 3D NIfTI (.nii or .nii.gz) T1 image")
+    try:
+        image, affine, _ = _load_checked(SubjectRecord("input", path, None, None, None, "test"))
+    except StudyInputError as exc:
+        raise StudyInputError(str(exc).removeprefix("subject input: ")) from None
+    if min(image.shape) < 4:
+        raise StudyInputError(f"image {path} has shape {image.shape}: a 2D slice or a thin slab, not a 3D T1 "
+                              "volume; give the whole 3D image")
+    return image, affine
+
+
+def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: list[int]) -> Prediction:
+    """Run ``model`` on one NIfTI image; the segmentation comes back on the image's own grid."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+    from scipy import ndimage
+
+    from trainables.data import DataConfig, SubjectRecord, _preprocess
+
+    path = Path(image_path)
+    image, affine = check_image(path)
+    cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size))
+    x, _ = _preprocess(SubjectRecord("input", path, None, None, None, "test"), cfg)  # the training preprocessing
+    # Where the network's voxels lie in the world: the same geometric steps, lazily (metadata only).
+    grid = MetaTensor(torch.zeros((1, *image.shape)), affine=torch.as_tensor(affine, dtype=torch.float64))
+    for step in (Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True),
+                 Spacing(pixdim=(cfg.spacing_mm,) * 3, lazy=True),
+                 ResizeWithPadOrCrop(spatial_size=cfg.input_size, lazy=True)):
+        grid = step(grid)
+    if tuple(grid.peek_pending_shape()) != tuple(x.shape[1:]):
+        raise RuntimeError(f"geometry {grid.peek_pending_shape()} does not match the preprocessed {x.shape[1:]}")
+    net_affine = np.asarray(grid.peek_pending_affine(), dtype=np.float64)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x)[None].float())
+    labels = out["seg"][0].argmax(0).numpy().astype(np.uint8)
+    probs = torch.sigmoid(out["cls"][0].float()).tolist()
+    to_net = np.linalg.inv(net_affine) @ affine  # input voxel -> network voxel
+    seg = ndimage.affine_transform(labels, to_net[:3, :3], offset=to_net[:3, 3], output_shape=image.shape,
+                                   order=0, mode="constant", cval=0)
+    return Prediction(seg.astype(np.uint8), affine, (float(probs[0]), float(probs[1])))
+
+
+def write_segmentation(pred: Prediction, image_path: str | Path, output: str | Path) -> Path:
+    """Save the segmentation as NIfTI with the input image's affine and header geometry."""
+    import nibabel as nib
+
+    source = nib.load(str(image_path))
+    header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
+    img = nib.Nifti1Image(pred.segmentation, pred.affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(output))
+    return output
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 via main(), no usage dump
+        raise StudyInputError(f"{message} (see python -m study.predict --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    parser = _Parser(prog="python -m study.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("image", help="a 3D T1 NIfTI image (.nii or .nii.gz)")
+    parser.add_argument("--model", required=True, help="registered model NAME[@ALIAS] (default alias best) "
+                        "or the path of a fine-tuned model.pt")
+    parser.add_argument("--output", help="segmentation to write (default: <image>_pcs.nii.gz next to the image)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI of the registry (default: $MLFLOW_TRACKING_URI)")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        args = parser.parse_args(argv)
+        image = Path(args.image)
+        check_image(image)  # fail fast, before loading a model
+        with tempfile.TemporaryDirectory() as tmp:
+            model, info = load_model(args.model, args.tracking_uri, tmp)
+        pred = predict_image(model, image, info["spacing_mm"], info["input_size"])
+        name = image.name.removesuffix(".gz").removesuffix(".nii")
+        out = write_segmentation(pred, image, args.output or image.with_name(f"{name}_pcs.nii.gz"))
+    except StudyInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    left, right = pred.probabilities
+    print(f"PCS presence probability: left {left:.3f}, right {right:.3f}")
+    print(f"segmentation: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

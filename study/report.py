@@ -1,0 +1,307 @@
+"""``python -m study.report DIR``: the study's report, from what MLflow and Optuna hold.
+
+Writes ``DIR/report/``: ``report.html`` (self-contained, images embedded), ``report.md``,
+``report.json`` (the numbers, with run ids), ``plots/*.png`` and ``best_configs.yaml`` (re-run it with
+``python -m study.launch --grid DIR/report/best_configs.yaml``); logs the folder to the study's MLflow
+parent run and registers each cell's best model (``pcs-<study>-<cell>``, alias ``best``).
+
+A cell's best trial is its finished (``outcome=completed``) search-phase fine-tuning run with the
+highest final validation ``score``; with seed re-runs (``phase=seeds``) of that configuration, the
+tables show mean ± sample std over the best run and its re-runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainables.errors import StudyInputError
+
+COLUMNS = {  # MLflow metric -> (heading, format)
+    "test_accuracy": ("accuracy", "{:.3f}"), "test_auc": ("AUC", "{:.3f}"), "test_dice": ("Dice", "{:.3f}"),
+    "test_hd95": ("HD95 mm", "{:.1f}"), "time_per_epoch_s": ("s/epoch", "{:.2f}"),
+    "peak_memory_mb": ("peak MB", "{:.0f}"), "trainable_fraction": ("trainable %", "{:.2f}"),
+    "task_storage_bytes": ("storage", "{}"),
+}
+MIN_IMPORTANCE_TRIALS = 3
+_SAME_CONFIG_IGNORES = {"train.seed", "output_dir", "phase"}
+
+
+@dataclass
+class CellResult:
+    """One cell: its best search run, the seed re-runs of that configuration and its trial counts."""
+
+    id: str
+    pretrain: str
+    strategy: str
+    backbone: str
+    best: object | None = None  # mlflow Run
+    seed_runs: list = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    registered: str | None = None
+    version: int | None = None
+
+    def values(self, key: str) -> list[float]:
+        runs = [self.best, *self.seed_runs] if self.best is not None else []
+        return [r.data.metrics[key] for r in runs if key in r.data.metrics]
+
+    def stat(self, key: str) -> tuple[float, float, int]:
+        """(mean, sample std or nan, n) of ``key`` over the best run and its seed re-runs."""
+        v = self.values(key)
+        if not v:
+            return math.nan, math.nan, 0
+        return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v)
+
+    def text(self, key: str) -> str:
+        mean, std, n = self.stat(key)
+        if n == 0:
+            return "–"
+        fmt = _fmt(key)
+        return fmt(mean) if n == 1 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
+
+
+@dataclass
+class Study:
+    """What the report reads: the study folder, its plan and arguments, MLflow runs per cell."""
+
+    folder: Path
+    plan: dict
+    args: dict
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    client: object
+    cells: list[CellResult]
+    failed: list[dict]
+
+
+def _fmt(key: str):
+    if key == "trainable_fraction":
+        return lambda v: f"{100 * v:.2f}"
+    if key == "task_storage_bytes":
+        return lambda v: f"{v / 2**20:.2f} MB" if v >= 2**20 else f"{v / 1024:.1f} KB"
+    return COLUMNS.get(key, ("", "{:.4g}"))[1].format
+
+
+def typed(value: str) -> object:
+    """An MLflow param string back to the value it was logged from (``'3'`` -> 3, ``'conv'`` -> 'conv')."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return value
+
+
+def _config(params: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in params.items() if k.startswith(("train.", "strategy_params.")) and k not in
+            _SAME_CONFIG_IGNORES}
+
+
+def load_study(folder: str | Path) -> Study:
+    """Read ``study.json`` and the study's MLflow runs; raise :class:`StudyInputError` when there is nothing to report."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(folder).resolve()
+    study_file = folder / "study.json"
+    if not study_file.is_file():
+        raise StudyInputError(f"{folder}: no study.json; is it a study folder (python -m study.launch --output DIR)?")
+    try:
+        saved = json.loads(study_file.read_text())
+        plan, args, parent_id = saved["plan"], saved.get("args", {}), saved["parent_run_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StudyInputError(f"{study_file}: not a study file written by study.launch ({exc!r})") from None
+    uri = args.get("mlflow_uri") or f"sqlite:///{folder / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise StudyInputError(f"{folder}: no MLflow database {uri.removeprefix('sqlite:///')}; the study never ran")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise StudyInputError(f"{folder}: the study's parent run {parent_id} is not in {uri}") from None
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=50000)
+    cells = {}
+    for c in plan.get("cells", []):
+        cid = f"{c['pretrain']}__{c['strategy']}__{c['backbone']}"
+        cells[cid] = CellResult(cid, c["pretrain"], c["strategy"], c["backbone"])
+    failed = []
+    for run in runs:
+        tags = run.data.tags
+        outcome = tags.get("outcome", "unfinished")
+        if outcome == "failed":
+            failed.append({"stage": tags.get("stage", ""), "cell": tags.get("cell", ""), "trial_id":
+                           tags.get("trial_id", ""), "run_id": run.info.run_id,
+                           "reason": tags.get("failure_reason", "unknown")})
+        if tags.get("stage") != "finetune":
+            continue
+        cid = tags.get("cell", "")
+        cell = cells.setdefault(cid, CellResult(cid, tags.get("pretrain", ""), tags.get("strategy", ""),
+                                                tags.get("backbone", "")))
+        cell.counts[outcome] = cell.counts.get(outcome, 0) + 1
+        if tags.get("phase", "search") != "seeds" and outcome == "completed" and "score" in run.data.metrics:
+            if cell.best is None or run.data.metrics["score"] > cell.best.data.metrics["score"]:
+                cell.best = run
+    for run in runs:  # seed re-runs of each cell's best configuration
+        tags = run.data.tags
+        cell = cells.get(tags.get("cell", ""))
+        if (cell is not None and cell.best is not None and tags.get("phase") == "seeds"
+                and tags.get("outcome") == "completed"
+                and _config(run.data.params) == _config(cell.best.data.params)):
+            cell.seed_runs.append(run)
+    if not any(c.best for c in cells.values()):
+        raise StudyInputError(f"{folder}: no finished fine-tuning trial in {uri}; nothing to report "
+                              f"({len(runs)} trial run(s), {len(failed)} failed)")
+    return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed)
+
+
+def best_params(run) -> dict:
+    """``{"train": {...}, "strategy_params": {...}}`` of a run: the hyperparameters a grid file may fix."""
+    from study.grid_file import _TRAIN_SEARCHED
+
+    train, strategy = {}, {}
+    for key, value in run.data.params.items():
+        group, _, name = key.partition(".")
+        if group == "train" and name in _TRAIN_SEARCHED:
+            train[name] = typed(value)
+        elif group == "strategy_params":
+            strategy[name] = typed(value)
+    return {"train": train, "strategy_params": strategy}
+
+
+def write_best_configs(study: Study, path: Path) -> Path:
+    """``best_configs.yaml``: the plan's sizes and every reported cell with its best hyperparameters fixed."""
+    from study.grid import StudyPlan
+    from study.grid_file import dump_grid_file
+
+    allowed = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
+    fields = {"name": f"{study.plan.get('name', 'study')}-best"}
+    fields.update({k: v for k, v in study.plan.items() if k in allowed and v is not None})
+    cells = [{"pretrain": c.pretrain, "strategy": c.strategy, "backbone": c.backbone, "params": best_params(c.best)}
+             for c in study.cells if c.best is not None]
+    dump_grid_file(fields, cells, path)
+    return path
+
+
+def register_models(study: Study) -> list[str]:
+    """Register each cell's best model; returns notes for the cells whose model file is missing."""
+    from study.model_registry import register_best, registered_name
+
+    notes = []
+    for cell in study.cells:
+        if cell.best is None:
+            continue
+        params = cell.best.data.params
+        model = Path(params.get("output_dir", "")) / "model.pt"
+        if not model.is_file():
+            notes.append(f"{cell.id}: model file {model} not found; not registered")
+            continue
+        name = registered_name(study.experiment, cell.id)
+        info = {"cell": cell.id, "pretrain": cell.pretrain, "strategy": cell.strategy, "backbone": cell.backbone,
+                "spacing_mm": typed(params.get("data.spacing_mm", "None")),
+                "input_size": typed(params.get("data.input_size", "None")),
+                "run_id": cell.best.info.run_id, "score": cell.best.data.metrics.get("score"),
+                "experiment": study.experiment}
+        cell.version = register_best(study.client, name, cell.best.info.run_id, model, info,
+                                     tags={"cell": cell.id, "experiment": study.experiment})
+        cell.registered = name
+    return notes
+
+
+def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[str, Path], list[str]]:
+    """(main figures, importance figure per cell, notes)."""
+    from study import plots
+    from study.searcher import optuna_storage
+
+    done = [c for c in study.cells if c.best is not None]
+    points = [{"label": c.id, "pretrain": c.pretrain, "strategy": c.strategy, "accuracy": c.stat("test_accuracy")[0],
+               "memory": c.stat("peak_memory_mb")[0], "time": c.stat("time_per_epoch_s")[0]} for c in done]
+    figures = [("Accuracy vs peak memory", plots.plot_tradeoff(points, "memory", "peak memory (MB)",
+                                                               out / "pareto_memory.png")),
+               ("Accuracy vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",
+                                                                  out / "pareto_time.png"))]
+    for backbone in dict.fromkeys(c.backbone for c in study.cells):
+        mine = [c for c in study.cells if c.backbone == backbone]
+        values = {(c.pretrain, c.strategy): c.stat("test_accuracy")[0] for c in mine}
+        path = plots.plot_heatmap(values, list(dict.fromkeys(c.pretrain for c in mine)),
+                                  list(dict.fromkeys(c.strategy for c in mine)),
+                                  f"test accuracy, {backbone}", out / f"heatmap_{backbone}.png")
+        figures.append((f"Test accuracy, method x strategy ({backbone})", path))
+    curves = {c.id: [(m.step, m.value) for m in study.client.get_metric_history(c.best.info.run_id, "score")]
+              for c in done}
+    figures.append(("Learning curves (validation score)", plots.plot_learning_curves(curves, out / "curves.png")))
+    importance, notes = {}, []
+    url = study.args.get("optuna_storage")
+    if not url and not (study.folder / "optuna.journal").is_file():
+        return figures, importance, ["no Optuna journal in the study folder: no hyperparameter importances"]
+    storage = optuna_storage(url, study.folder)
+    for c in study.cells:
+        result = plots.cell_importances(storage, f"{study.plan.get('name')}/{c.id}", MIN_IMPORTANCE_TRIALS)
+        if isinstance(result, str):
+            notes.append(f"{c.id}: {result}")
+        else:
+            importance[c.id] = plots.plot_importances(c.id, result, out / f"importance_{c.id}.png")
+    return figures, importance, notes
+
+
+def summary(study: Study) -> dict:
+    """The report's numbers (also ``report.json``): per cell the best run, its metrics and seed statistics."""
+    cells = []
+    for c in study.cells:
+        entry = {"cell": c.id, "pretrain": c.pretrain, "strategy": c.strategy, "backbone": c.backbone,
+                 "counts": c.counts, "best_run_id": c.best.info.run_id if c.best else None,
+                 "seed_run_ids": [r.info.run_id for r in c.seed_runs], "registered_model": c.registered,
+                 "registered_version": c.version}
+        if c.best is not None:
+            entry["score"] = c.best.data.metrics["score"]
+            entry["best"] = {k: c.best.data.metrics.get(k) for k in COLUMNS}
+            entry["stats"] = {k: dict(zip(("mean", "std", "n"), c.stat(k), strict=True)) for k in COLUMNS}
+            entry["params"] = best_params(c.best)
+        cells.append(entry)
+    return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
+            "tracking_uri": study.tracking_uri, "cells": cells, "failed": study.failed}
+
+
+def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow: bool = True) -> Path:
+    """Write ``<output_dir>/report/`` (see the module docstring); returns that folder."""
+    from study.report_render import render_html, render_markdown
+
+    study = load_study(output_dir)
+    out = study.folder / "report"
+    out.mkdir(exist_ok=True)
+    notes = register_models(study) if register else []
+    figures, importance, importance_notes = make_plots(study, out / "plots")
+    configs = write_best_configs(study, out / "best_configs.yaml")
+    data = summary(study)
+    data["notes"], data["importance_notes"] = notes, importance_notes
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / "report.md").write_text(render_markdown(study, figures, importance, importance_notes, notes, configs, out))
+    (out / "report.html").write_text(render_html(study, figures, importance, importance_notes, notes, configs))
+    if log_to_mlflow:
+        study.client.log_artifacts(study.parent_run_id, str(out), "report")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="the study folder (python -m study.launch --output DIR)")
+    parser.add_argument("--no-register", action="store_true", help="do not register the best models in MLflow")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.folder, register=not args.no_register)
+    except StudyInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

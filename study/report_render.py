@@ -1,0 +1,140 @@
+"""The report's two renderings of the same content: ``report.md`` (images linked) and ``report.html``
+(self-contained: every image embedded as a base64 data URI, so the file opens from anywhere)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from study.report import COLUMNS, Study
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;
+text-align:left;vertical-align:top}th{background:#eef}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+figure{margin:1em 0}figcaption{font-size:13px;color:#555}pre{background:#f6f6f6;padding:1em;overflow-x:auto}
+.muted{color:#777}"""
+# Sets body[data-images] to "loaded" when every <img> decoded (naturalWidth > 0), else "broken: N".
+_SCRIPT = """window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);
+var bad=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0)});
+document.body.setAttribute('data-images',bad.length?'broken: '+bad.length:'loaded');
+document.body.setAttribute('data-image-count',String(imgs.length));
+document.getElementById('image-status').textContent=imgs.length+' figure(s), '+(imgs.length-bad.length)+' loaded';});"""
+
+
+def _counts(study: Study) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in study.cells:
+        for k, v in c.counts.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _heading(study: Study) -> list[str]:
+    counts = _counts(study)
+    done = sum(c.best is not None for c in study.cells)
+    trials = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(counts.items())) or "none"
+    return [
+        f"Study folder: {study.folder}",
+        f"MLflow: {study.tracking_uri}, parent run {study.parent_run_id}",
+        f"Cells: {len(study.cells)} ({done} with a finished trial); fine-tuning trials: {trials}",
+        "Best trial of a cell: the completed search-phase fine-tuning run with the highest final validation "
+        "score; with seed re-runs, mean ± sample std over it and its re-runs. Test metrics are on the test split.",
+    ]
+
+
+def _pivot(study: Study, backbone: str) -> tuple[list[str], list[str], dict[tuple[str, str], list[str]]]:
+    cells = [c for c in study.cells if c.backbone == backbone]
+    methods = list(dict.fromkeys(c.pretrain for c in cells))
+    strategies = list(dict.fromkeys(c.strategy for c in cells))
+    body = {(c.pretrain, c.strategy): [f"{COLUMNS[k][0]} {c.text(k)}" for k in COLUMNS] for c in cells}
+    return methods, strategies, body
+
+
+def _long_rows(study: Study) -> tuple[list[str], list[list[str]]]:
+    head = ["cell", "score", *(COLUMNS[k][0] for k in COLUMNS), "trials", "registered model", "best run"]
+    rows = []
+    for c in study.cells:
+        score = f"{c.best.data.metrics['score']:.3f}" if c.best else "–"
+        trials = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(c.counts.items())) or "none"
+        model = f"{c.registered}@best (v{c.version})" if c.registered else "–"
+        rows.append([c.id, score, *(c.text(k) for k in COLUMNS), trials, model,
+                     c.best.info.run_id if c.best else "–"])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows] + [""]
+
+
+def render_markdown(study: Study, figures: list[tuple[str, Path]], importance: dict[str, Path],
+                    importance_notes: list[str], notes: list[str], configs: Path, out: Path) -> str:
+    """``report.md``; image links are relative to ``out`` (the report folder)."""
+    md = [f"# Study report: {study.experiment}", "", *(f"- {line}" for line in _heading(study)), ""]
+    for backbone in dict.fromkeys(c.backbone for c in study.cells):
+        methods, strategies, body = _pivot(study, backbone)
+        md += [f"## Backbone {backbone}", ""]
+        md += _md_table(["pre-training \\ strategy", *strategies],
+                        [[m, *("<br>".join(body.get((m, s), ["–"])) for s in strategies)] for m in methods])
+    md += ["## All cells", ""] + _md_table(*_long_rows(study))
+    md += ["## Figures", ""] + [f"![{t}]({p.relative_to(out).as_posix()})\n" for t, p in figures]
+    md += ["## Hyperparameter importances (PED-ANOVA)", ""]
+    md += [f"![{c}]({p.relative_to(out).as_posix()})\n" for c, p in importance.items()]
+    md += [f"- {n}" for n in importance_notes] + [""]
+    md += [f"## Failed trials ({len(study.failed)})", ""]
+    if study.failed:
+        md += _md_table(["stage", "cell", "trial", "reason"],
+                        [[f["stage"], f["cell"], f["trial_id"], f["reason"]] for f in study.failed])
+    md += ["## Best configurations", "", f"Re-run: `python -m study.launch --grid {configs}`", "", "```yaml",
+           configs.read_text().rstrip(), "```", ""]
+    if notes:
+        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(md)
+
+
+def _html_table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    def cell(x: str) -> str:
+        return x if raw else html.escape(str(x))
+
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _img(title: str, path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
+def render_html(study: Study, figures: list[tuple[str, Path]], importance: dict[str, Path],
+                importance_notes: list[str], notes: list[str], configs: Path) -> str:
+    """``report.html``: the same content as the markdown, with every image embedded."""
+    title = f"Study report: {study.experiment}"
+    parts = [f"<h1>{html.escape(title)}</h1><ul>"
+             + "".join(f"<li>{html.escape(x)}</li>" for x in _heading(study)) + "</ul>",
+             '<p id="image-status" class="muted"></p>']
+    for backbone in dict.fromkeys(c.backbone for c in study.cells):
+        methods, strategies, body = _pivot(study, backbone)
+        rows = [[html.escape(m), *("<br>".join(html.escape(x) for x in body.get((m, s), ["–"])) for s in strategies)]
+                for m in methods]
+        parts.append(f"<h2>Backbone {html.escape(backbone)}</h2>"
+                     + _html_table(["pre-training \\ strategy", *strategies], rows, raw=True))
+    parts.append("<h2>All cells</h2>" + _html_table(*_long_rows(study)))
+    parts.append("<h2>Figures</h2>" + "".join(_img(t, p) for t, p in figures))
+    parts.append("<h2>Hyperparameter importances (PED-ANOVA)</h2>"
+                 + "".join(_img(c, p) for c, p in importance.items())
+                 + "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in importance_notes) + "</ul>")
+    parts.append(f"<h2>Failed trials ({len(study.failed)})</h2>" + (_html_table(
+        ["stage", "cell", "trial", "reason"], [[f["stage"], f["cell"], f["trial_id"], f["reason"]]
+                                               for f in study.failed]) if study.failed else "<p>none</p>"))
+    parts.append(f"<h2>Best configurations</h2><p>Re-run: <code>python -m study.launch --grid "
+                 f"{html.escape(str(configs))}</code></p><pre>{html.escape(configs.read_text())}</pre>")
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>" + "\n".join(parts) + "</body></html>\n")

@@ -1,0 +1,83 @@
+"""Scheduling with the real local Ray: fractional GPU packing and per-cell ASHA early stopping."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from conftest import start_local_ray
+from light_trainables import curve, sleeper
+from ray import tune
+
+from study.resources import gpu_share, trial_resources
+from study.scheduling import PerCellASHA
+from trainables.errors import StudyInputError
+
+
+@pytest.fixture(scope="module")
+def ray_one_gpu():
+    start_local_ray(num_cpus=2, num_gpus=1)
+    yield
+    ray.shutdown()
+
+
+def _max_overlap(results) -> int:
+    events = sorted([(r.metrics["start"], 1) for r in results] + [(r.metrics["end"], -1) for r in results])
+    best = now = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def _run(tmp_path, gpus: float, n: int, sleep: float):
+    trainable = tune.with_resources(sleeper, trial_resources(cpus=0.25, gpus=gpus, shares={}, custom={}))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"sleep": sleep, "stage": "finetune", "i": tune.grid_search(list(range(n)))},
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"gpu{gpus}", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    return results
+
+
+def test_four_quarter_gpu_trials_share_one_gpu(ray_one_gpu, tmp_path) -> None:
+    assert _max_overlap(_run(tmp_path, 0.25, 4, 3.0)) == 4
+
+
+def test_trials_over_half_a_gpu_never_share(ray_one_gpu, tmp_path) -> None:
+    assert _max_overlap(_run(tmp_path, 0.6, 3, 1.0)) == 1
+
+
+def test_measured_share_rounds_up_to_eighths() -> None:
+    assert gpu_share(1000, 80000) == 0.125  # small trials: eight per GPU
+    assert gpu_share(20000, 80000) == 0.375  # 20 GB x 1.3 headroom = 32.5% -> 3/8
+    with pytest.raises(StudyInputError, match="lower the budget"):
+        gpu_share(70000, 80000)
+
+
+def test_resources_follow_the_cell_and_stage() -> None:
+    per_trial = trial_resources(1.0, None, {"finetune:lora:segresnet": 0.125, "pretrain:segresnet": 0.5},
+                                {"gpu_node": 0.01})
+    ft = per_trial({"stage": "finetune", "strategy": "lora", "backbone": {"name": "segresnet"}})
+    pre = per_trial({"stage": "pretrain", "backbone": {"name": "segresnet"}})
+    assert ft == {"cpu": 1.0, "gpu": 0.125, "gpu_node": 0.01}
+    assert pre == {"cpu": 1.0, "gpu": 0.5}
+
+
+def test_asha_stops_worse_trials_within_their_cell_only(ray_one_gpu, tmp_path) -> None:
+    cells = [{"id": "a", "quality": q} for q in (0.9, 0.8, 0.1, 0.05)] + [{"id": "b", "quality": 0.01}]
+    scheduler = PerCellASHA(metric="score", mode="max", max_t=6, grace_period=1, reduction_factor=2)
+    tuner = tune.Tuner(
+        tune.with_resources(curve, {"cpu": 2}),  # one trial at a time, in the list's order
+        param_space={"stage": "finetune", "train": {"epochs": 6}, "cell": tune.grid_search(cells)},
+        tune_config=tune.TuneConfig(scheduler=scheduler),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    epochs = {(r.config["cell"]["id"], r.config["cell"]["quality"]): r.metrics["epoch"] for r in results}
+    assert epochs[("a", 0.9)] == 6
+    assert epochs[("a", 0.1)] < 6 and epochs[("a", 0.05)] < 6  # clearly worse: stopped before the last epoch
+    assert epochs[("b", 0.01)] == 6  # alone in its cell: never compared with cell a's trials
+    assert len(scheduler.stopped) >= 2
