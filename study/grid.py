@@ -107,8 +107,13 @@ class StudyPlan:
         return 12 * max(1, round(self.width / 12)) if backbone == "swinunetr" else self.width
 
     def pretrain_jobs(self) -> list[tuple[str, str]]:
-        """Distinct (method, backbone) pre-training jobs, in grid order."""
-        return list(dict.fromkeys(c.pretrain_key for c in self.cells))
+        """Distinct (method, backbone) pre-training jobs, in grid order.
+
+        Methods that train nothing (``none``: random initialisation) need no job: their cells start at
+        once, each fine-tuning trial building its own seeded initial network.
+        """
+        jobs = dict.fromkeys(c.pretrain_key for c in self.cells if PRETRAIN_METHODS.get(c.pretrain).trains)
+        return list(jobs)
 
 
 def cross(pretrain: list[str], strategies: list[str], backbones: list[str]) -> list[Cell]:

@@ -58,7 +58,7 @@ class TrialFactory:
             "strategy_params": params,
             "train": {**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size, "seed": seed},
             "data": self.data,
-            "pretrain_checkpoint": None if cell.pretrain == "none" and checkpoint is None else checkpoint,
+            "pretrain_checkpoint": checkpoint or None,
             "output_dir": str(Path(self.output) / "models" / f"{cell.id}__{seed}"),
         }
 
@@ -215,6 +215,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     elif not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
+    # Tune keeps only one trial pending for a custom searcher by default, which serialises trial start-up
+    # (a new worker imports torch and MONAI for seconds): keep one pending trial per slot instead.
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(args.cpus_per_trial, 1e-3)))
+    if args.max_concurrent:
+        slots = min(slots, args.max_concurrent)
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
     factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared))
     shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
     if shares:
@@ -264,12 +270,13 @@ class StudyInterrupted(Exception):
 
 def _expected_trials(plan: StudyPlan, results) -> int:
     """Trials the finished study has: the plan's, less the cells whose pre-training failed."""
-    failed = {(r.config["cell"]["pretrain"], r.config["cell"]["backbone"]) for r in results
-              if r.error and r.config.get("stage") == "pretrain"}
+    configs = [(r, r.config or {}) for r in results]
+    failed = {(c["cell"]["pretrain"], c["cell"]["backbone"]) for r, c in configs
+              if r.error and c.get("stage") == "pretrain"}
     skipped = sum(plan.samples(c) + plan.seeds for c in plan.cells if c.pretrain_key in failed)
     if plan.seeds:  # a cell none of whose search trials finished has no best configuration to re-run
-        ok = {r.config["cell"]["id"] for r in results if not r.error and r.config.get("phase") == "search"
-              and r.metrics.get("epoch", 0) >= plan.finetune_epochs}
+        ok = {c["cell"]["id"] for r, c in configs if not r.error and c.get("phase") == "search"
+              and (r.metrics or {}).get("epoch", 0) >= plan.finetune_epochs}
         skipped += sum(plan.seeds for c in plan.cells if c.pretrain_key not in failed and c.id not in ok)
     return plan.total_trials() - skipped
 

@@ -12,6 +12,7 @@ already points at the same run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -109,6 +110,7 @@ def download_registered(spec: str, tracking_uri: str, folder: str | Path) -> Pat
     else:
         version = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     run_id, _, path = version.source.removeprefix("runs:/").partition("/")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr for errors
     local = client.download_artifacts(run_id or version.run_id, path or ARTIFACT_DIR, str(folder))
     return Path(local)
 

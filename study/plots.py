@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 110
@@ -82,7 +83,7 @@ def plot_heatmap(values: dict[tuple[str, str], float], methods: list[str], strat
     for (m, s), v in values.items():
         if m in methods and s in strategies and _finite(v):
             grid[methods.index(m), strategies.index(s)] = v
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(strategies), 1.2 + 0.55 * len(methods)))
+    fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(strategies), 1.6 + 0.55 * len(methods)))
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("lightgrey")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -104,6 +105,7 @@ def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: Path)
             steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("validation score")
     ax.set_title("Learning curves of the best trial per cell")
     ax.grid(alpha=0.3)

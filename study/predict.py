@@ -88,12 +88,38 @@ def check_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
-def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: list[int]) -> Prediction:
-    """Run ``model`` on one NIfTI image; the segmentation comes back on the image's own grid."""
+def network_affine(shape: tuple[int, ...], affine: np.ndarray, cfg) -> np.ndarray:
+    """Voxel -> world affine of the network's input grid for an image of ``shape`` and ``affine``.
+
+    The geometric steps of the training preprocessing (RAS, ``cfg.spacing_mm``, crop/pad to
+    ``cfg.input_size``), run lazily by MONAI: only the metadata is computed, no voxel is resampled.
+    """
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
+    grid = MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(affine, dtype=torch.float64))
+    for step in (Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True),
+                 Spacing(pixdim=(cfg.spacing_mm,) * 3, lazy=True),
+                 ResizeWithPadOrCrop(spatial_size=cfg.input_size, lazy=True)):
+        grid = step(grid)
+    if tuple(grid.peek_pending_shape()) != tuple(cfg.input_size):
+        raise RuntimeError(f"network grid {grid.peek_pending_shape()} is not the input size {cfg.input_size}")
+    return np.asarray(grid.peek_pending_affine(), dtype=np.float64)
+
+
+def to_input_grid(labels: np.ndarray, net_affine: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Labels on the network grid -> the input image's grid (nearest neighbour; 0 outside the crop)."""
     from scipy import ndimage
+
+    to_net = np.linalg.inv(net_affine) @ affine  # input voxel -> network voxel
+    return ndimage.affine_transform(labels.astype(np.uint8), to_net[:3, :3], offset=to_net[:3, 3],
+                                    output_shape=tuple(shape), order=0, mode="constant", cval=0)
+
+
+def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: list[int]) -> Prediction:
+    """Run ``model`` on one NIfTI image; the segmentation comes back on the image's own grid."""
+    import torch
 
     from trainables.data import DataConfig, SubjectRecord, _preprocess
 
@@ -101,24 +127,13 @@ def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: 
     image, affine = check_image(path)
     cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size))
     x, _ = _preprocess(SubjectRecord("input", path, None, None, None, "test"), cfg)  # the training preprocessing
-    # Where the network's voxels lie in the world: the same geometric steps, lazily (metadata only).
-    grid = MetaTensor(torch.zeros((1, *image.shape)), affine=torch.as_tensor(affine, dtype=torch.float64))
-    for step in (Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True),
-                 Spacing(pixdim=(cfg.spacing_mm,) * 3, lazy=True),
-                 ResizeWithPadOrCrop(spatial_size=cfg.input_size, lazy=True)):
-        grid = step(grid)
-    if tuple(grid.peek_pending_shape()) != tuple(x.shape[1:]):
-        raise RuntimeError(f"geometry {grid.peek_pending_shape()} does not match the preprocessed {x.shape[1:]}")
-    net_affine = np.asarray(grid.peek_pending_affine(), dtype=np.float64)
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(x)[None].float())
-    labels = out["seg"][0].argmax(0).numpy().astype(np.uint8)
+    labels = out["seg"][0].argmax(0).numpy()
     probs = torch.sigmoid(out["cls"][0].float()).tolist()
-    to_net = np.linalg.inv(net_affine) @ affine  # input voxel -> network voxel
-    seg = ndimage.affine_transform(labels, to_net[:3, :3], offset=to_net[:3, 3], output_shape=image.shape,
-                                   order=0, mode="constant", cval=0)
-    return Prediction(seg.astype(np.uint8), affine, (float(probs[0]), float(probs[1])))
+    seg = to_input_grid(labels, network_affine(image.shape, affine, cfg), affine, image.shape)
+    return Prediction(seg, affine, (float(probs[0]), float(probs[1])))
 
 
 def write_segmentation(pred: Prediction, image_path: str | Path, output: str | Path) -> Path:

@@ -16,6 +16,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import sys
@@ -64,7 +65,9 @@ class CellResult:
         if n == 0:
             return "–"
         fmt = _fmt(key)
-        return fmt(mean) if n == 1 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
+        if not self.seed_runs:
+            return fmt(mean)
+        return f"{fmt(mean)} (n=1)" if n == 1 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
 
 
 @dataclass
@@ -145,7 +148,8 @@ def load_study(folder: str | Path) -> Study:
         cid = tags.get("cell", "")
         cell = cells.setdefault(cid, CellResult(cid, tags.get("pretrain", ""), tags.get("strategy", ""),
                                                 tags.get("backbone", "")))
-        cell.counts[outcome] = cell.counts.get(outcome, 0) + 1
+        kind = f"seed re-runs {outcome}" if tags.get("phase") == "seeds" else outcome
+        cell.counts[kind] = cell.counts.get(kind, 0) + 1
         if tags.get("phase", "search") != "seeds" and outcome == "completed" and "score" in run.data.metrics:
             if cell.best is None or run.data.metrics["score"] > cell.best.data.metrics["score"]:
                 cell.best = run
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="the study folder (python -m study.launch --output DIR)")
     parser.add_argument("--no-register", action="store_true", help="do not register the best models in MLflow")
     args = parser.parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         out = write_report(args.folder, register=not args.no_register)
     except StudyInputError as exc:

@@ -101,7 +101,12 @@ class StudySearcher(Searcher):
         self.output, self.storage_url, self.study_name = output, storage_url, study_name
         self._storage: optuna.storages.BaseStorage | str | None = None
         self.cells = {c.id: c for c in plan.cells}
-        self.state = _State(pretrain_pending=[self.job_key(*k) for k in plan.pretrain_jobs()])
+        jobs = [self.job_key(*k) for k in plan.pretrain_jobs()]
+        self.state = _State(pretrain_pending=jobs)
+        for cell in plan.cells:  # no pre-training job (random initialisation): ready from the start
+            key = self.job_key(*cell.pretrain_key)
+            if key not in jobs:
+                self.state.checkpoints[key] = ""
         self._studies: dict[str, optuna.Study] = {}
 
     @staticmethod

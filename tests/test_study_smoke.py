@@ -35,6 +35,7 @@ def smoke_study(tmp_path_factory):
 def test_one_child_run_per_trial_with_named_metrics(smoke_study) -> None:
     trials = list(smoke_study.results)
     plan = smoke_study.plan
+    assert len(plan.pretrain_jobs()) == 1  # reconstruction; `none` needs no pre-training job
     assert len(trials) == len(plan.pretrain_jobs()) + len(plan.cells) * plan.num_samples
     assert not [t for t in trials if t.error]
     runs = smoke_study.tracker.child_runs()

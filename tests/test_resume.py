@@ -1,0 +1,91 @@
+"""Faults and resume with the real launcher: a failing trial is recorded and the study goes on; a study
+interrupted with SIGINT and resumed with --resume finishes with one MLflow run per trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+name: resume
+base: smoke
+pretrain_epochs: 6
+finetune_epochs: 2
+cells:
+  - {pretrain: none, strategy: full, num_samples: 2}
+  - {pretrain: reconstruction, strategy: full, num_samples: 2}
+  - {pretrain: reconstruction, strategy: linear, num_samples: 2}
+  - pretrain: none
+    strategy: top
+    params: {strategy_params: {trainable_blocks: 99}}   # valid config, impossible on segresnet: fails in the trial
+"""
+TRIALS = 1 + 2 + 2 + 2 + 1  # one pre-training job (none needs none) + fine-tuning trials
+
+
+def _launch(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "study.launch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _child_runs(out: Path) -> list:
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    out = tmp_path / "study"
+    proc = _launch("--grid", str(grid), "--output", str(out), "--max-failures", "0")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and sum(ln.startswith("[") for ln in lines) < 3 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "".join(lines[-30:])
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=180)
+    reader.join(timeout=10)
+    assert rc == 130, "".join(lines[-30:])
+    assert any("--resume" in ln for ln in lines)
+    before = {r.data.tags["trial_id"]: r for r in _child_runs(out) if r.info.status == "FINISHED"}
+    assert 2 <= len(before) < TRIALS  # (one of the first three to end may be the failing trial)
+
+    resumed = subprocess.run([sys.executable, "-m", "study.launch", "--resume", str(out)], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    runs = _child_runs(out)
+    ids = [r.data.tags["trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == TRIALS  # exactly one run per trial
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    for trial_id, run in before.items():  # finished before the interrupt: not run again
+        if run.data.tags["stage"] == "finetune" and run.data.tags.get("outcome") == "completed":
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            assert sorted(m.step for m in history) == [1, 2], trial_id
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["strategy"] == "top"
+    assert "trainable_blocks" in failed[0].data.tags["failure_reason"]
+    assert failed[0].data.tags["outcome"] == "failed"
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(done) == TRIALS - 1
+
+    # fine-tuning started as soon as its checkpoint existed: the `none` cells did not wait for reconstruction
+    pre_end = max(r.info.end_time for r in runs if r.data.tags["stage"] == "pretrain")
+    timeline = sorted((r.info.start_time, r.info.end_time, r.data.tags["stage"], r.data.tags["cell"]) for r in runs)
+    assert min(r.info.start_time for r in runs if r.data.tags["stage"] == "finetune") < pre_end, timeline
