@@ -49,16 +49,25 @@ def _load_yaml(path: Path) -> object:
         raise StudyInputError(f"grid file {path}: malformed YAML{where}: {problem}") from None
 
 
+def _string_keys(mapping: dict, where: str) -> None:
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise StudyInputError(f"{where}: keys must be names, got {bad[:3]!r}")
+
+
 def _cell(path: Path, i: int, raw: object) -> Cell:
     where = f"grid file {path}, cell {i + 1}"
     if not isinstance(raw, dict):
         raise StudyInputError(f"{where}: each cell must be a mapping with pretrain, strategy, backbone")
+    _string_keys(raw, where)
     unknown = set(raw) - _CELL_KEYS
     if unknown:
         raise StudyInputError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_CELL_KEYS)}")
     for key in ("pretrain", "strategy"):
         if not isinstance(raw.get(key), str):
             raise StudyInputError(f"{where}: '{key}' is required and must be a name")
+    if raw.get("backbone") is not None and not isinstance(raw["backbone"], str):
+        raise StudyInputError(f"{where}: 'backbone' must be a name")
     n = raw.get("num_samples")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise StudyInputError(f"{where}: num_samples must be a positive integer, got {n!r}")
@@ -69,12 +78,16 @@ def _cell(path: Path, i: int, raw: object) -> Cell:
 
 
 def _check_params(where: str, strategy: str, params: object) -> dict:
-    if not isinstance(params, dict) or set(params) - {"train", "strategy_params"}:
+    if not isinstance(params, dict) or any(not isinstance(k, str) for k in params) or set(params) - {
+        "train", "strategy_params"
+    }:
         raise StudyInputError(f"{where}: params must be a mapping with 'train' and/or 'strategy_params'")
     train = params.get("train") or {}
     strategy_params = params.get("strategy_params") or {}
     if not isinstance(train, dict) or not isinstance(strategy_params, dict):
         raise StudyInputError(f"{where}: params.train and params.strategy_params must be mappings")
+    _string_keys(train, f"{where}: params.train")
+    _string_keys(strategy_params, f"{where}: params.strategy_params")
     bad = set(train) - _TRAIN_SEARCHED
     if bad:
         raise StudyInputError(f"{where}: params.train has unknown keys {sorted(bad)}; allowed: {sorted(_TRAIN_SEARCHED)}")
@@ -97,8 +110,9 @@ def load_grid_file(path: str | Path) -> StudyPlan:
     raw = _load_yaml(path)
     if not isinstance(raw, dict):
         raise StudyInputError(f"grid file {path}: expected a mapping with a 'cells' list at the top level")
+    _string_keys(raw, f"grid file {path}")
     base = raw.get("base", "smoke")
-    if base not in BUDGETS:
+    if not isinstance(base, str) or base not in BUDGETS:
         raise StudyInputError(f"grid file {path}: unknown base {base!r}; valid budgets: {', '.join(BUDGETS)}")
     unknown = set(raw) - _PLAN_FIELDS - {"base", "cells", "name"}
     if unknown:

@@ -31,6 +31,7 @@ class TrialFactory:
     data: dict
     data_id: str
     output: str
+    pretrain_cache: str
 
     def backbone(self, name: str) -> dict:
         return {"name": name, "width": self.plan.backbone_width(name)}
@@ -44,7 +45,7 @@ class TrialFactory:
                          "seed": self.plan.seed},
             "data": self.data,
             "data_id": self.data_id,
-            "cache_dir": str(Path(self.output) / "pretrain_cache"),
+            "cache_dir": self.pretrain_cache,
         }
 
     def finetune(self, cell: Cell, checkpoint: str | None, train: dict, params: dict, seed: int,
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial before it counts failed")
     p.add_argument("--storage", help="shared storage for Tune's state, trial checkpoints, pre-training checkpoints "
                    "and models (a path every node sees; default: the output folder)")
+    p.add_argument("--pretrain-cache", help="folder of cached pre-training checkpoints, shared by studies "
+                   "(default: pretrain_cache beside the output folder)")
     p.add_argument("--trial-resources", default=None,
                    help='extra custom Ray resources each fine-tuning trial needs, as JSON, e.g. \'{"gpu_node": 0.1}\'')
     return p
@@ -163,6 +166,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     import ray
     from ray import tune
 
+    from study.checks import check_mlflow_uri, check_numbers, check_ray_address
     from study.progress import ProgressCallback, log, setup_logging
     from study.resources import measure_shares, trial_resources
     from study.scheduling import PerCellASHA
@@ -187,7 +191,11 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         raise StudyInputError(
             f"{output} already holds a study; continue it with --resume {output} or choose another --output"
         )
+    check_numbers(args)
+    custom_resources = _custom_resources(args.trial_resources)
     plan = _plan_from_args(args)
+    check_ray_address(args.address)
+    check_mlflow_uri(args.mlflow_uri)
     for strategy, backbone in dict.fromkeys((c.strategy, c.backbone) for c in plan.cells):
         check_applicable(strategy, backbone, tuple(plan.input_size))
     output.mkdir(parents=True, exist_ok=True)
@@ -211,7 +219,10 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        try:
+            ray.init(address=args.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise StudyInputError(f"cannot join the Ray cluster at {args.address!r}: {exc}".splitlines()[0]) from None
     elif not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
@@ -221,13 +232,17 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     if args.max_concurrent:
         slots = min(slots, args.max_concurrent)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
-    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared))
+    # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
+    # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
+    pretrain_cache = Path(args.pretrain_cache).resolve() if args.pretrain_cache else shared.parent / "pretrain_cache"
+    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared),
+                           pretrain_cache=str(pretrain_cache))
     shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
     if shares:
         log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
     trainable = tune.with_resources(
         study_trainable,
-        trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, _custom_resources(args.trial_resources)),
+        trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, custom_resources),
     )
     storage = str(shared / "tune")
     if resume and tune.Tuner.can_restore(os.path.join(storage, "study")):

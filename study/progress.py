@@ -17,6 +17,21 @@ from rich.table import Table
 log = logging.getLogger("study")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (it may be replaced after set-up, e.g. by a test)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(output: Path) -> Path:
     """Log to stdout and to ``<output>/study.log``."""
     path = output / "study.log"
@@ -25,8 +40,8 @@ def setup_logging(output: Path) -> Path:
         fh = logging.FileHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
-    if not any(type(h) is logging.StreamHandler for h in log.handlers):
-        sh = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        sh = _StdoutHandler()
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
     log.propagate = False

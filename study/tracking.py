@@ -9,6 +9,7 @@ updated, never re-created).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import subprocess
@@ -19,6 +20,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+log = logging.getLogger("study")
 
 # Final metrics every fine-tuning run carries (so the compare view lines trials up).
 FINAL_METRICS = (
@@ -73,6 +76,39 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return out
 
 
+class RetryingClient:
+    """An ``MlflowClient`` whose calls are retried with back-off, so that a tracking store that is briefly
+    unavailable (a locked SQLite file, a restarting server) delays the study instead of failing it."""
+
+    def __init__(self, client: MlflowClient, attempts: int = 7, first_wait_s: float = 0.25) -> None:
+        self._client, self._attempts, self._wait = client, attempts, first_wait_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            wait = self._wait
+            for attempt in range(self._attempts):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - MLflow wraps store errors in several types
+                    if attempt == self._attempts - 1 or not _transient(exc):
+                        raise
+                    log.warning(f"MLflow {name} failed ({type(exc).__name__}: {str(exc)[:120]}); retrying in {wait:.1f}s")
+                    time.sleep(wait)
+                    wait *= 2
+
+        return call
+
+
+def _transient(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(k in text for k in ("locked", "busy", "connection", "timeout", "timed out", "unavailable",
+                                   "temporarily", "503", "502", "504", "operationalerror", "max retries"))
+
+
 class StudyTracker:
     """The study's experiment and parent run; created once, found again on resume."""
 
@@ -89,7 +125,7 @@ class StudyTracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.uri)
+            self._client = RetryingClient(MlflowClient(self.uri))
         return self._client
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment; the client reconnects lazily
