@@ -10,7 +10,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 TORCH := $(if $(HAS_CUDA),,torch==2.13.0)
 
-.PHONY: setup study test lint bench clean
+.PHONY: setup study test lint bench clean chromium
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ setup: $(STAMP)
 study: $(STAMP)
 	$(PY) -m study.launch --grid full $(ARGS)
 
-test: $(STAMP)
+# Headless Chromium renders report.html in tests/test_report.py: installed when missing and running as root.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || true
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

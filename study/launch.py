@@ -206,7 +206,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
 
     mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
     saved = json.loads(study_file.read_text()) if resume else {}
-    tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"))
+    artifacts = (output / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None
+    tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"),
+                           artifact_location=artifacts)
     if not resume:
         keep = {k: v for k, v in vars(args).items() if k not in ("resume",)}
         tmp = study_file.with_suffix(".tmp")
@@ -276,6 +278,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         raise StudyInterrupted(str(output))
     tracker.finish("FINISHED")
     print_summary(results, plan, tracker)
+    from study.report import write_report
+
+    try:
+        log.info(f"report: {write_report(output) / 'report.html'}")
+    except StudyInputError as exc:  # e.g. no finished fine-tuning trial
+        log.info(f"no report: {exc}")
     return StudyOutcome(results=results, tracker=tracker, plan=plan, output=output)
 
 

@@ -84,8 +84,7 @@ def plot_heatmap(values: dict[tuple[str, str], float], methods: list[str], strat
         if m in methods and s in strategies and _finite(v):
             grid[methods.index(m), strategies.index(s)] = v
     fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(strategies), 1.6 + 0.55 * len(methods)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for (r, c), v in np.ndenumerate(grid):
         ax.text(c, r, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,

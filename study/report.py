@@ -64,7 +64,7 @@ class CellResult:
         mean, std, n = self.stat(key)
         if n == 0:
             return "–"
-        fmt = _fmt(key)
+        fmt = _fmt(key, mean)
         if not self.seed_runs:
             return fmt(mean)
         return f"{fmt(mean)} (n=1)" if n == 1 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
@@ -85,11 +85,13 @@ class Study:
     failed: list[dict]
 
 
-def _fmt(key: str):
+def _fmt(key: str, scale: float | None = None):
+    """The formatter of a metric's values (``scale``: a value whose unit the others take, for storage)."""
     if key == "trainable_fraction":
         return lambda v: f"{100 * v:.2f}"
     if key == "task_storage_bytes":
-        return lambda v: f"{v / 2**20:.2f} MB" if v >= 2**20 else f"{v / 1024:.1f} KB"
+        mb = (scale if scale is not None else 0.0) >= 2**20
+        return lambda v: f"{v / 2**20:.2f} MB" if mb or (scale is None and v >= 2**20) else f"{v / 1024:.1f} KB"
     return COLUMNS.get(key, ("", "{:.4g}"))[1].format
 
 

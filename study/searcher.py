@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ class StudySearcher(Searcher):
         if self._storage is None:
             self._storage = optuna_storage(self.storage_url, self.output)
         if cell_id not in self._studies:
-            sampler = optuna.samplers.TPESampler(seed=self.plan.seed, n_startup_trials=max(2, self.plan.num_samples // 3))
+            # each cell its own sampler seed, so that cells do not all start from the same first trial
+            cell_seed = (self.plan.seed * 1_000_003 + zlib.crc32(cell_id.encode())) % 2**31
+            sampler = optuna.samplers.TPESampler(seed=cell_seed, n_startup_trials=max(2, self.plan.num_samples // 3))
             self._studies[cell_id] = optuna.create_study(
                 study_name=f"{self.study_name}/{cell_id}", storage=self._storage, sampler=sampler,
                 direction="maximize", load_if_exists=True,

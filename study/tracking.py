@@ -112,11 +112,13 @@ def _transient(exc: Exception) -> bool:
 class StudyTracker:
     """The study's experiment and parent run; created once, found again on resume."""
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+                 artifact_location: str | None = None) -> None:
         self.uri = tracking_uri
         self._client: MlflowClient | None = None
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location)
         if parent_run_id is None:
             parent = self.client.create_run(self.experiment_id, run_name=experiment, tags={"stage": "study"})
             parent_run_id = parent.info.run_id

@@ -1,0 +1,309 @@
+"""``study.report`` on a real smoke study (local Ray, MLflow SQLite, Optuna journal), checked against
+MLflow queried independently; plus a hand-written MLflow study for seeds, failures and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from study.grid_file import load_grid_file
+from study.launch import build_parser, run_study
+from study.model_registry import load_model_folder, registered_name
+from study.plots import cell_importances, pareto_front
+from study.predict import predict_image
+from study.report import COLUMNS, write_report
+from study.searcher import optuna_storage
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_cohort):
+    """One smoke study (2 methods x 2 strategies, 2 trials per cell, 1 seed re-run), then its report twice."""
+    root = tmp_path_factory.mktemp("report_study")
+    out = root / "smoke"
+    cwd = os.getcwd()
+    os.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the repository
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = build_parser().parse_args(["--grid", "smoke", "--strategies", "full,top", "--num-samples", "2",
+                                          "--seeds", "1", "--cohort", str(tiny_cohort), "--output", str(out)])
+        outcome = run_study(args)
+        write_report(out)
+        report = write_report(out)  # a second time: registering must be idempotent
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
+    saved = json.loads((out / "study.json").read_text())
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_run(saved["parent_run_id"]).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{saved['parent_run_id']}'", max_results=1000)
+    return {"outcome": outcome, "report": report, "saved": saved, "client": client, "runs": runs,
+            "data": json.loads((report / "report.json").read_text())}
+
+
+def _cell_ids(saved: dict) -> list[str]:
+    return [f"{c['pretrain']}__{c['strategy']}__{c['backbone']}" for c in saved["plan"]["cells"]]
+
+
+def _expected_best(runs: list) -> dict[str, object]:
+    """Independently: per cell, the completed search-phase fine-tuning run with the highest final score."""
+    best = {}
+    for r in runs:
+        t = r.data.tags
+        if t.get("stage") == "finetune" and t.get("phase") == "search" and t.get("outcome") == "completed":
+            if t["cell"] not in best or r.data.metrics["score"] > best[t["cell"]].data.metrics["score"]:
+                best[t["cell"]] = r
+    return best
+
+
+def _same_config(a, b) -> bool:
+    def config(r):
+        return {k: v for k, v in r.data.params.items()
+                if k.startswith(("train.", "strategy_params.")) and k != "train.seed"}
+    return config(a) == config(b)
+
+
+def test_report_lists_every_cell_with_the_numbers_mlflow_holds(study) -> None:
+    data, runs = study["data"], study["runs"]
+    cells = {c["cell"]: c for c in data["cells"]}
+    assert set(_cell_ids(study["saved"])) <= set(cells)
+    best = _expected_best(runs)
+    assert best, "the smoke study finished no fine-tuning trial"
+    md = (study["report"] / "report.md").read_text()
+    for cell_id, run in best.items():
+        entry = cells[cell_id]
+        assert entry["best_run_id"] == run.info.run_id and cell_id in md
+        assert entry["score"] == run.data.metrics["score"]
+        seeds = [r for r in runs if r.data.tags.get("phase") == "seeds" and r.data.tags.get("cell") == cell_id
+                 and r.data.tags.get("outcome") == "completed" and _same_config(r, run)]
+        assert sorted(entry["seed_run_ids"]) == sorted(r.info.run_id for r in seeds)
+        for key in COLUMNS:
+            assert entry["best"][key] == run.data.metrics.get(key), (cell_id, key)
+            values = [r.data.metrics[key] for r in [run, *seeds] if key in r.data.metrics]
+            stats = entry["stats"][key]
+            assert stats["n"] == len(values)
+            if values:
+                assert stats["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
+        accuracy = run.data.metrics["test_accuracy"]
+        assert f"{statistics.fmean([accuracy, *(r.data.metrics['test_accuracy'] for r in seeds)]):.3f}" in md
+    counts = {}
+    for r in runs:
+        if r.data.tags.get("stage") == "finetune":
+            counts[r.data.tags["outcome"]] = counts.get(r.data.tags["outcome"], 0) + 1
+    reported = {}
+    for c in data["cells"]:
+        for k, v in c["counts"].items():
+            k = k.removeprefix("seed re-runs ")
+            reported[k] = reported.get(k, 0) + v
+    assert reported == counts
+    assert len(data["failed"]) == sum(r.data.tags.get("outcome") == "failed" for r in runs)
+
+
+def test_every_image_is_a_valid_png(study) -> None:
+    plots = sorted((study["report"] / "plots").glob("*"))
+    names = {p.name for p in plots}
+    assert {"pareto_memory.png", "pareto_time.png", "heatmap_segresnet.png", "curves.png"} <= names
+    for p in plots:
+        assert p.read_bytes()[:8] == PNG, p
+        image = matplotlib.image.imread(p)
+        assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50 and float(image.std()) > 0.01, p
+
+
+def test_importances_or_a_note_for_every_cell(study) -> None:
+    data = study["data"]
+    plots = {p.name for p in (study["report"] / "plots").glob("importance_*.png")}
+    for cell_id in _cell_ids(study["saved"]):
+        assert f"importance_{cell_id}.png" in plots or any(n.startswith(cell_id + ":") for n in data["importance_notes"])
+
+
+def test_best_configs_load_back_with_the_same_cells_and_params(study) -> None:
+    plan = load_grid_file(study["report"] / "best_configs.yaml")
+    best = _expected_best(study["runs"])
+    assert {c.id for c in plan.cells} == set(best)
+    saved = study["saved"]["plan"]
+    assert plan.input_size == tuple(saved["input_size"]) and plan.spacing_mm == saved["spacing_mm"]
+    assert plan.finetune_epochs == saved["finetune_epochs"] and plan.width == saved["width"]
+    for cell in plan.cells:
+        params = best[cell.id].data.params
+        train = {k.removeprefix("train."): float(v) for k, v in params.items()
+                 if k.removeprefix("train.") in ("lr_encoder", "lr_decoder", "lr_heads", "weight_decay")}
+        assert cell.params["train"] == train
+        strategy = {k.removeprefix("strategy_params."): v for k, v in params.items() if k.startswith("strategy_params.")}
+        assert {k: str(v) for k, v in cell.params["strategy_params"].items()} == strategy
+
+
+def test_registry_holds_the_best_model_of_every_cell(study, tiny_cohort) -> None:
+    client, best = study["client"], _expected_best(study["runs"])
+    experiment = client.get_experiment(best[next(iter(best))].info.experiment_id).name
+    image = next((tiny_cohort.parent / "images").glob("*.nii.gz"))
+    for cell_id, run in best.items():
+        name = registered_name(experiment, cell_id)
+        version = client.get_model_version_by_alias(name, "best")
+        assert version.run_id == run.info.run_id
+        assert len(client.search_model_versions(f"name='{name}'")) == 1  # the report ran twice
+        target = study["report"].parent / "dl" / cell_id
+        target.mkdir(parents=True)
+        local = client.download_artifacts(run.info.run_id, "model", str(target))
+        model, info = load_model_folder(local)
+        assert info["cell"] == cell_id and info["spacing_mm"] == study["saved"]["plan"]["spacing_mm"]
+        pred = predict_image(model, image, info["spacing_mm"], info["input_size"])
+        assert pred.segmentation.shape == (16, 16, 16)
+
+
+def test_report_is_logged_to_the_parent_run(study) -> None:
+    client = study["client"]
+    listed = {Path(f.path).name for f in client.list_artifacts(study["saved"]["parent_run_id"], "report")}
+    assert {"report.html", "report.md", "report.json", "best_configs.yaml", "plots"} <= listed
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; `make test` as root installs it)")
+    return exe
+
+
+def _browser(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_html_renders_tables_and_every_image_in_chromium(study, tmp_path) -> None:
+    page = study["report"] / "report.html"
+    html = page.read_text()
+    assert "src=\"data:image/png;base64," in html and "plots/" not in html.split("<pre>")[0]  # self-contained
+    proc = _browser("--virtual-time-budget=10000", "--dump-dom", page.as_uri(), profile=tmp_path / "profile")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert 'data-images="loaded"' in dom, dom[:500]
+    assert f'data-image-count="{html.count("<img ")}"' in dom
+    assert dom.count("<table") >= 2 and "none__full__segresnet" in dom
+    shot = tmp_path / "shot.png"
+    _browser("--window-size=1200,1600", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile2")
+    pixels = matplotlib.image.imread(shot)
+    assert float(pixels.std()) > 0.05  # not a blank page
+
+
+# -- a hand-written study in a real MLflow SQLite store: seeds, failures, bad input ---------------
+def _hand_study(folder: Path, runs: list[dict]) -> Path:
+    """study.json + mlflow.db with a parent run and the given child runs (tags, params, metrics)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("study-hand-x", artifact_location=(folder / "artifacts").as_uri())
+    parent = client.create_run(exp, tags={"stage": "study"}).info.run_id
+    for r in runs:
+        tags = {"mlflow.parentRunId": parent, "stage": "finetune", "backbone": "segresnet", **r["tags"]}
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        for k, v in r.get("params", {}).items():
+            client.log_param(run_id, k, v)
+        for k, v in r.get("metrics", {}).items():
+            for step, value in enumerate(v if isinstance(v, list) else [v], start=1):
+                client.log_metric(run_id, k, value, step=step)
+        client.set_terminated(run_id, "FAILED" if tags.get("outcome") == "failed" else "FINISHED")
+    cells = [{"pretrain": "none", "strategy": s, "backbone": "segresnet"} for s in ("full", "top")]
+    plan = {"name": "hand", "cells": cells, "num_samples": 3, "finetune_epochs": 2, "spacing_mm": 4.0,
+            "input_size": [16, 16, 16], "width": 8, "seeds": 2}
+    (folder / "study.json").write_text(json.dumps({"args": {}, "parent_run_id": parent, "plan": plan}))
+    return folder
+
+
+def _run(cell: str, phase: str, outcome: str, score: float, acc: float, lr: str = "0.001", **extra) -> dict:
+    metrics = {"score": [score / 2, score], "test_accuracy": acc, "peak_memory_mb": 100.0, "time_per_epoch_s": 1.0}
+    return {"tags": {"cell": cell, "pretrain": "none", "strategy": cell.split("__")[1], "phase": phase,
+                     "outcome": outcome, **extra}, "params": {"train.lr_encoder": lr, "train.seed": str(acc)},
+            "metrics": metrics if outcome != "failed" else {}}
+
+
+def test_seeds_failures_and_early_stops_from_a_hand_written_study(tmp_path) -> None:
+    full = "none__full__segresnet"
+    reason = "NonFiniteLossError: training loss is nan at batch 0: the trial diverged"
+    folder = _hand_study(tmp_path / "hand", [
+        _run(full, "search", "completed", 0.6, 0.7),
+        _run(full, "search", "completed", 0.4, 0.9, lr="0.01"),
+        _run(full, "search", "stopped_early", 0.8, 0.95, lr="0.02"),  # higher score, but not finished
+        _run(full, "seeds", "completed", 0.5, 0.8),
+        _run(full, "seeds", "completed", 0.55, 0.6),
+        _run(full, "seeds", "completed", 0.9, 0.1, lr="0.01"),  # another configuration: not counted
+        _run(full, "search", "failed", 0.0, 0.0, lr="0.5", failure_reason=reason),
+        _run("none__top__segresnet", "search", "failed", 0.0, 0.0, failure_reason="RuntimeError: boom"),
+    ])
+    report = write_report(folder, register=False)
+    data = json.loads((report / "report.json").read_text())
+    cells = {c["cell"]: c for c in data["cells"]}
+    acc = cells[full]["stats"]["test_accuracy"]
+    assert acc["n"] == 3 and acc["mean"] == pytest.approx(statistics.fmean([0.7, 0.8, 0.6]))
+    assert acc["std"] == pytest.approx(statistics.stdev([0.7, 0.8, 0.6]))
+    assert cells[full]["counts"] == {"completed": 2, "stopped_early": 1, "failed": 1, "seed re-runs completed": 3}
+    assert cells["none__top__segresnet"]["best_run_id"] is None
+    assert sorted(f["reason"] for f in data["failed"]) == sorted([reason, "RuntimeError: boom"])
+    md, html = (report / "report.md").read_text(), (report / "report.html").read_text()
+    assert "Failed trials (2)" in md and reason in md and "RuntimeError: boom" in html
+    assert "0.700 ± 0.100 (n=3)" in md
+    plan = load_grid_file(report / "best_configs.yaml")
+    assert [c.id for c in plan.cells] == [full] and plan.cells[0].params["train"] == {"lr_encoder": 0.001}
+    assert plan.seeds == 2 and plan.input_size == (16, 16, 16)
+
+
+def _report_cli(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "study.report", str(folder)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("case", ["empty folder", "no mlflow.db", "no finished trial"])
+def test_bad_study_folder_is_one_line_and_exit_2(tmp_path, case) -> None:
+    folder = tmp_path / "study"
+    if case == "empty folder":
+        folder.mkdir()
+    elif case == "no mlflow.db":
+        folder.mkdir()
+        (folder / "study.json").write_text(json.dumps({"args": {}, "parent_run_id": "abc", "plan": {"cells": []}}))
+    else:
+        _hand_study(folder, [_run("none__full__segresnet", "search", "failed", 0, 0, failure_reason="x")])
+    proc = _report_cli(folder)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "INFO mlflow" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert not (folder / "report" / "report.html").exists()
+
+
+def test_importances_handle_conditional_parameters_and_few_trials(tmp_path) -> None:
+    storage = optuna_storage(None, tmp_path)
+    study = optuna.create_study(study_name="p/cell", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        if trial.suggest_categorical("kind", ["a", "b"]) == "b":
+            return -math.log10(lr) + trial.suggest_int("rank", 1, 8)
+        return -math.log10(lr)
+
+    study.optimize(objective, n_trials=12)
+    importances = cell_importances(storage, "p/cell", min_trials=3)
+    assert isinstance(importances, dict) and {"lr", "kind"} <= set(importances)
+    assert "fewer than the 20 needed" in cell_importances(storage, "p/cell", min_trials=20)
+    assert "no Optuna study" in cell_importances(storage, "p/other", min_trials=3)
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    costs, gains = [1.0, 2.0, 3.0, 2.5, 1.5], [0.5, 0.7, 0.9, 0.6, 0.5]
+    assert pareto_front(costs, gains) == [0, 1, 2]  # (2.5, 0.6) and (1.5, 0.5) are beaten
+    assert np.all(np.diff([costs[i] for i in pareto_front(costs, gains)]) > 0)
