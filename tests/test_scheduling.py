@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 from conftest import start_local_ray
-from light_trainables import curve, sleeper
+from light_trainables import barrier_sleeper, curve
 from ray import tune
 
 from study.resources import gpu_share, trial_resources
@@ -29,11 +29,14 @@ def _max_overlap(results) -> int:
     return best
 
 
-def _run(tmp_path, gpus: float, n: int, sleep: float):
-    trainable = tune.with_resources(sleeper, trial_resources(cpus=0.25, gpus=gpus, shares={}, custom={}))
+def _run(tmp_path, gpus: float, n: int, sleep: float, timeout: float = 30):
+    barrier = tmp_path / f"barrier{gpus}"
+    barrier.mkdir()
+    trainable = tune.with_resources(barrier_sleeper, trial_resources(cpus=0.25, gpus=gpus, shares={}, custom={}))
     tuner = tune.Tuner(
         trainable,
-        param_space={"sleep": sleep, "stage": "finetune", "i": tune.grid_search(list(range(n)))},
+        param_space={"sleep": sleep, "stage": "finetune", "barrier": str(barrier), "n": n, "timeout": timeout,
+                     "i": tune.grid_search(list(range(n)))},
         run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"gpu{gpus}", verbose=0),
     )
     results = tuner.fit()
@@ -42,11 +45,11 @@ def _run(tmp_path, gpus: float, n: int, sleep: float):
 
 
 def test_four_quarter_gpu_trials_share_one_gpu(ray_one_gpu, tmp_path) -> None:
-    assert _max_overlap(_run(tmp_path, 0.25, 4, 3.0)) == 4
+    assert _max_overlap(_run(tmp_path, 0.25, 4, 1.0)) == 4
 
 
 def test_trials_over_half_a_gpu_never_share(ray_one_gpu, tmp_path) -> None:
-    assert _max_overlap(_run(tmp_path, 0.6, 3, 1.0)) == 1
+    assert _max_overlap(_run(tmp_path, 0.6, 2, 0.5, timeout=3)  # the barrier cannot fill: each waits 3 s) == 1
 
 
 def test_measured_share_rounds_up_to_eighths() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per performance question, each printing a table and writing JSON to bench/results/."""
