@@ -49,7 +49,8 @@ def test_four_quarter_gpu_trials_share_one_gpu(ray_one_gpu, tmp_path) -> None:
 
 
 def test_trials_over_half_a_gpu_never_share(ray_one_gpu, tmp_path) -> None:
-    assert _max_overlap(_run(tmp_path, 0.6, 2, 0.5, timeout=3)  # the barrier cannot fill: each waits 3 s) == 1
+    # the barrier cannot fill when the two never run together: each waits 3 s, then ends
+    assert _max_overlap(_run(tmp_path, 0.6, 2, 0.5, timeout=3)) == 1
 
 
 def test_measured_share_rounds_up_to_eighths() -> None:
