@@ -192,6 +192,10 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             f"{output} already holds a study; continue it with --resume {output} or choose another --output"
         )
     check_numbers(args)
+    for flag, value in (("--storage", args.storage), ("--pretrain-cache", args.pretrain_cache)):
+        if value and "://" in value:
+            raise StudyInputError(f"{flag} {value!r}: give a folder every node mounts (NFS, EFS, a ReadWriteMany "
+                                  "volume); object-store URLs are not supported (mount the bucket instead)")
     custom_resources = _custom_resources(args.trial_resources)
     plan = _plan_from_args(args)
     check_ray_address(args.address)
@@ -224,7 +228,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         try:
             ray.init(address=args.address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as exc:
-            raise StudyInputError(f"cannot join the Ray cluster at {args.address!r}: {exc}".splitlines()[0]) from None
+            hint = ""
+            if args.address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                hint = ("; if the cluster uses token authentication (on wherever ~/.ray/auth_token exists), "
+                        "set RAY_AUTH_MODE=token and provide the token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+            raise StudyInputError(f"cannot join the Ray cluster at {args.address!r}: "
+                                  f"{str(exc).splitlines()[0]}{hint}") from None
     elif not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
@@ -233,7 +242,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(args.cpus_per_trial, 1e-3)))
     if args.max_concurrent:
         slots = min(slots, args.max_concurrent)
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
     # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
     # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
     pretrain_cache = Path(args.pretrain_cache).resolve() if args.pretrain_cache else shared.parent / "pretrain_cache"
