@@ -89,7 +89,7 @@ class HemisphereHead(nn.Module):
 
 
 class MultiTaskNet(nn.Module):
-    """Base class: subclasses build ``encoder``/``decoder`` and implement ``decode``."""
+    """Base class: subclasses build ``encoder``/``decoder`` (and override ``decode`` if not U-Net-like)."""
 
     encoder: nn.ModuleList
     decoder: nn.ModuleList
@@ -115,8 +115,15 @@ class MultiTaskNet(nn.Module):
         return feats
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Full-resolution decoder features (``decoder_channels``) from the input and encoder features."""
-        raise NotImplementedError
+        """Full-resolution decoder features (``decoder_channels``) from the input and encoder features.
+
+        The default is the U-Net pattern: each decoder block takes the deeper result and the next
+        shallower encoder output (``block(u, skip)``); SwinUNETR overrides it.
+        """
+        u = feats[-1]
+        for block, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
+            u = block(u, skip)
+        return u
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(x)
@@ -179,12 +186,6 @@ class UNetMultiTask(MultiTaskNet):
         self.decoder_channels = feats[5]
         self._init_heads()
 
-    def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-        u = feats[-1]
-        for block, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
-            u = block(u, skip)
-        return u
-
 
 # -- SegResNet -------------------------------------------------------------------------------------
 class _SegResUp(nn.Module):
@@ -224,12 +225,6 @@ class SegResNetMultiTask(MultiTaskNet):
         self.stage_channels = [w, 2 * w, 4 * w, 8 * w]
         self.decoder_channels = w
         self._init_heads()
-
-    def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-        u = feats[-1]
-        for block, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
-            u = block(u, skip)
-        return u
 
 
 # -- SwinUNETR -------------------------------------------------------------------------------------
