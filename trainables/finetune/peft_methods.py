@@ -79,7 +79,7 @@ class LoraStrategyConfig:
 @register_strategy("lora", LoraStrategyConfig)
 def apply_lora(model: MultiTaskNet, cfg: LoraStrategyConfig) -> MultiTaskNet:
     """Inject LoRA into the selected body layers; only LoRA matrices and the heads train."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
     names = target_names(model, cfg.targets)
     config = LoraConfig(
@@ -89,10 +89,17 @@ def apply_lora(model: MultiTaskNet, cfg: LoraStrategyConfig) -> MultiTaskNet:
         target_modules=_pattern(names),
         bias="none",
     )
+    return _inject_and_train(model, config, ".lora_")
+
+
+def _inject_and_train(model: MultiTaskNet, config, marker: str) -> MultiTaskNet:
+    """Inject a peft adapter in place; only its parameters (names containing ``marker``) and the heads train."""
+    from peft import inject_adapter_in_model
+
     inject_adapter_in_model(config, model)
     freeze_all(model)
     for name, p in model.named_parameters():
-        if ".lora_" in name:
+        if marker in name:
             p.requires_grad_(True)
     train_heads(model)
     return model
@@ -128,15 +135,9 @@ def feedforward_names(model: MultiTaskNet, names: list[str]) -> list[str]:
 @register_strategy("ia3", IA3StrategyConfig)
 def apply_ia3(model: MultiTaskNet, cfg: IA3StrategyConfig) -> MultiTaskNet:
     """Inject (IA)^3 vectors into the selected body layers; only they and the heads train."""
-    from peft import IA3Config, inject_adapter_in_model
+    from peft import IA3Config
 
     names = target_names(model, cfg.targets)
     ff = feedforward_names(model, names)
     config = IA3Config(target_modules=_pattern(names), feedforward_modules=_pattern(ff) if ff else [])
-    inject_adapter_in_model(config, model)
-    freeze_all(model)
-    for name, p in model.named_parameters():
-        if ".ia3_l." in name:
-            p.requires_grad_(True)
-    train_heads(model)
-    return model
+    return _inject_and_train(model, config, ".ia3_l.")
