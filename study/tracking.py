@@ -178,6 +178,8 @@ class MLflowTrialCallback(Callback):
             tags = {
                 "mlflow.parentRunId": self.tracker.parent_run_id,
                 "trial_id": trial.trial_id,
+                # Tune's running number of the trial (the prefix of its folder name): the order of suggestion
+                "trial_number": str(getattr(trial, "experiment_tag", "") or "").split("_")[0],
                 "stage": cfg.get("stage", ""),
                 "phase": cfg.get("phase", ""),
                 **{("cell" if k == "id" else k): str(v) for k, v in cell.items()},

@@ -85,7 +85,10 @@ def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
     done = [r for r in runs if r.info.status == "FINISHED"]
     assert len(done) == TRIALS - 1
 
-    # fine-tuning started as soon as its checkpoint existed: the `none` cells did not wait for reconstruction
-    pre_end = max(r.info.end_time for r in runs if r.data.tags["stage"] == "pretrain")
-    timeline = sorted((r.info.start_time, r.info.end_time, r.data.tags["stage"], r.data.tags["cell"]) for r in runs)
-    assert min(r.info.start_time for r in runs if r.data.tags["stage"] == "finetune") < pre_end, timeline
+    # fine-tuning did not wait for pre-training: Tune's second trial (suggested while the pre-training job,
+    # its first, had not yet run) is a fine-tuning trial of a `none` cell. Start times are not compared,
+    # as a slow worker start-up under load can delay a trial that was scheduled in time.
+    order = sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))
+    assert [r.data.tags["trial_number"] for r in order] == [str(i) for i in range(1, TRIALS + 1)]
+    assert order[0].data.tags["stage"] == "pretrain"
+    assert order[1].data.tags["stage"] == "finetune" and order[1].data.tags["pretrain"] == "none"

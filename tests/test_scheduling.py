@@ -85,3 +85,30 @@ def test_asha_stops_worse_trials_within_their_cell_only(ray_one_gpu, tmp_path) -
     assert epochs[("a", 0.1)] < 6 and epochs[("a", 0.05)] < 6  # clearly worse: stopped before the last epoch
     assert epochs[("b", 0.01)] == 6  # alone in its cell: never compared with cell a's trials
     assert len(scheduler.stopped) >= 2
+
+
+def test_searcher_overlaps_pretraining_and_finetuning(tmp_path) -> None:
+    """The real searcher with real per-cell Optuna studies: `none` cells are suggested while pre-training
+    runs, and a method's cells as soon as its own checkpoint exists, while another method still pre-trains."""
+    from study.grid import Cell, StudyPlan
+    from study.searcher import StudySearcher
+
+    cells = [Cell(m, "full", "segresnet") for m in ("none", "reconstruction", "contrastive")]
+    plan = StudyPlan(name="t", cells=cells, num_samples=3)
+    searcher = StudySearcher(
+        plan, make_pretrain=lambda m, b: {"stage": "pretrain", "method": m},
+        make_finetune=lambda cell, ckpt, train, params, seed, phase: {"stage": "finetune", "cell": cell.id, "ckpt": ckpt},
+        output=str(tmp_path), study_name="t",
+    )
+    first = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert [c["stage"] for c in first] == ["pretrain", "pretrain", "finetune", "finetune"]
+    assert {c["method"] for c in first[:2]} == {"reconstruction", "contrastive"}
+    assert {c["cell"] for c in first[2:]} == {"none__full__segresnet"}
+    recon = "t0" if first[0]["method"] == "reconstruction" else "t1"
+    searcher.on_trial_complete(recon, {"checkpoint_path": "/ckpt/recon"})
+    nxt = [searcher.suggest(f"u{i}") for i in range(4)]
+    cells_now = [c["cell"] for c in nxt if c]
+    # the other pre-training job is still running, yet reconstruction's cell is under way
+    assert cells_now.count("reconstruction__full__segresnet") == 3
+    assert all(c["ckpt"] == "/ckpt/recon" for c in nxt if c and c["cell"].startswith("reconstruction"))
+    assert "contrastive__full__segresnet" not in cells_now
