@@ -63,6 +63,32 @@ def test_nan_loss_raises() -> None:
         fit(model, bad, _batches(1, 1), TrainConfig(epochs=1), spacing_mm=4.0)
 
 
+def test_memory_sampler_stops_however_fit_ends() -> None:
+    """A reused Ray worker runs trial after trial: a sampler thread left behind by a failed or stopped trial
+    would keep polling and slow every later one."""
+    import threading
+
+    def samplers() -> int:
+        return sum(t.name != "MainThread" and "_sample" in str(getattr(t, "_target", "")) for t in threading.enumerate())
+
+    before = samplers()
+    model = build_backbone(BackboneConfig("segresnet", width=8))
+
+    def stop(epoch, metrics, state):
+        raise KeyboardInterrupt("stopped by the scheduler")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, _batches(1, 0), _batches(1, 1), TrainConfig(epochs=2), spacing_mm=4.0, on_epoch=stop)
+    bad = _batches(1, 0)
+    bad[0]["image"][:] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        fit(model, bad, _batches(1, 1), TrainConfig(epochs=1), spacing_mm=4.0)
+    deadline = __import__("time").time() + 2
+    while samplers() > before and __import__("time").time() < deadline:
+        __import__("time").sleep(0.05)
+    assert samplers() == before
+
+
 def test_learning_rates_per_part() -> None:
     model = build_backbone(BackboneConfig("unet", width=8))
     opt = make_optimizer(model, TrainConfig(lr_encoder=1e-5, lr_decoder=2e-4, lr_heads=3e-3))

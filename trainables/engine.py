@@ -291,26 +291,28 @@ def fit(
                 "history": list(history)}
 
     start = time.perf_counter() - elapsed_before
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        row = train_epoch(model, train_loader, optimizer, loss_fn, device)
-        val = evaluate(model, val_loader, device, spacing_mm)
-        row.update({f"val_{k}": v for k, v in val.items()})
-        row["score"] = val["score"]
-        row.update(
-            epoch=epoch,
-            peak_memory_mb=memory.mb(),
-            trainable_params=trainable,
-            total_params=total,
-            trainable_fraction=trainable / max(total, 1),
-            time_total_s=time.perf_counter() - start,
-        )
-        row["time_per_epoch_s"] = row["time_total_s"] / epoch
-        if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test metrics
-            row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(epoch, row, state)
-    memory.close()
+    try:  # the sampler thread must stop however the loop ends (an error, Tune stopping the trial)
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            row = train_epoch(model, train_loader, optimizer, loss_fn, device)
+            val = evaluate(model, val_loader, device, spacing_mm)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row["score"] = val["score"]
+            row.update(
+                epoch=epoch,
+                peak_memory_mb=memory.mb(),
+                trainable_params=trainable,
+                total_params=total,
+                trainable_fraction=trainable / max(total, 1),
+                time_total_s=time.perf_counter() - start,
+            )
+            row["time_per_epoch_s"] = row["time_total_s"] / epoch
+            if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test metrics
+                row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(epoch, row, state)
+    finally:
+        memory.close()
     return FitResult(history=history, final=dict(history[-1]))
 
 

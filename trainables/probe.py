@@ -27,11 +27,12 @@ def probe_step_memory(strategy: str, backbone: dict, input_size: tuple[int, int,
     label = torch.zeros(batch_size, 1, *input_size, dtype=torch.long, device=dev)
     label[..., : input_size[-1] // 4] = 1
     batch = {"image": x, "label": label, "cls": torch.ones(batch_size, 2, device=dev)}
-    for _ in range(steps):
-        loss = loss_fn(model(x), batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    peak = memory.mb()
-    memory.close()
-    return peak
+    try:
+        for _ in range(steps):
+            loss = loss_fn(model(x), batch)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return memory.mb()
+    finally:
+        memory.close()

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from trainables.atomic import atomic_write
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.engine import (
     NonFiniteLossError,
@@ -138,28 +137,30 @@ def pretrain(
     backbone = build_backbone(backbone_cfg)
     objective = build_objective(cfg.method, backbone, cfg.method_params).to(device)
     memory = PeakMemory(device).reset()
-    history: list[dict] = []
-    start = time.perf_counter()
-    if objective.trains:
-        objective.train()
-        optimizers = make_optimizers(objective, cfg)
-        for epoch in range(1, cfg.epochs + 1):
-            row = _train_epoch(objective, optimizers, loader, device)
-            row.update(
-                epoch=epoch, time_total_s=time.perf_counter() - start, peak_memory_mb=memory.mb()
-            )
-            history.append(row)
-            if on_epoch is not None:
-                on_epoch(epoch, row)
-    elapsed = time.perf_counter() - start
-    final = dict(history[-1]) if history else {}
-    final.update(
-        time_total_s=elapsed,
-        time_per_epoch_s=elapsed / len(history) if history else 0.0,
-        peak_memory_mb=memory.mb(),
-        epochs_trained=len(history),
-    )
-    memory.close()
+    try:  # the sampler thread must stop however pre-training ends
+        history: list[dict] = []
+        start = time.perf_counter()
+        if objective.trains:
+            objective.train()
+            optimizers = make_optimizers(objective, cfg)
+            for epoch in range(1, cfg.epochs + 1):
+                row = _train_epoch(objective, optimizers, loader, device)
+                row.update(
+                    epoch=epoch, time_total_s=time.perf_counter() - start, peak_memory_mb=memory.mb()
+                )
+                history.append(row)
+                if on_epoch is not None:
+                    on_epoch(epoch, row)
+        elapsed = time.perf_counter() - start
+        final = dict(history[-1]) if history else {}
+        final.update(
+            time_total_s=elapsed,
+            time_per_epoch_s=elapsed / len(history) if history else 0.0,
+            peak_memory_mb=memory.mb(),
+            epochs_trained=len(history),
+        )
+    finally:
+        memory.close()
     body = {k: v.cpu() for k, v in backbone.body_state_dict().items()}
     return PretrainResult(body_state=body, history=history, final=final)
 
@@ -212,16 +213,6 @@ def pretrain_key(backbone_cfg: BackboneConfig, cfg: PretrainConfig, data_id: str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a unique temporary name in the same folder, then ``os.replace`` it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def cached_pretrain(
     cache_dir: str | Path,
     backbone_cfg: BackboneConfig,
@@ -242,7 +233,7 @@ def cached_pretrain(
         return body, None
     result = pretrain(backbone_cfg, cfg, loader, on_epoch)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(body, lambda p: torch.save(result.body_state, p))
+    atomic_write(body, lambda p: torch.save(result.body_state, p))
     info = {
         "key": folder.name,
         "code_version": CODE_VERSION,
@@ -252,7 +243,7 @@ def cached_pretrain(
         "final": result.final,
         "history": result.history,
     }
-    _atomic_write(meta, lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
+    atomic_write(meta, lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
     return body, result
 
 
