@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from trainables.atomic import atomic_write, atomic_write_text
 from trainables.errors import StudyInputError
 
 GENERATOR_VERSION = 1
@@ -261,12 +262,6 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
     return digest
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _reusable(out: Path, meta: dict, params: CohortParams, sids: list[str], splits: list[str]) -> set[str]:
     """Subjects whose files exist with the checksums recorded in cohort.json."""
     if meta.get("params") != asdict(params):
@@ -323,11 +318,8 @@ def write_preview(out: Path, sids: list[str], splits: list[str], subjects: dict[
             ax.set_title(f"{sid} {title} L={subjects[sid]['pcs_left']} R={subjects[sid]['pcs_right']}", fontsize=7)
             ax.axis("off")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.2)
-    path = out / "preview.png"
-    tmp = out / f".preview.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, format="png", dpi=72)
+    path = atomic_write(out / "preview.png", lambda tmp: fig.savefig(tmp, format="png", dpi=72))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -377,9 +369,9 @@ def generate_cohort(
         if split != "pretrain":
             entry["label_sha256"] = _write_nifti(label, affine, out / "labels" / f"{sid}.nii.gz")
         entries[sid] = entry
-    _write_text(manifest, _manifest_text(sids, splits, entries))
+    atomic_write_text(manifest, _manifest_text(sids, splits, entries))
     write_preview(out, sids, splits, entries)
-    _write_text(meta_path, json.dumps({"params": asdict(params), "subjects": entries}, indent=1, sort_keys=True))
+    atomic_write_text(meta_path, json.dumps({"params": asdict(params), "subjects": entries}, indent=1, sort_keys=True))
     return manifest
 
 

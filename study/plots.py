@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from trainables.atomic import atomic_write  # noqa: E402
+
 DPI = 110
 _MARKERS = "osD^v<>Pp*hX"
 
@@ -33,7 +35,7 @@ def pareto_front(costs: list[float], gains: list[float]) -> list[int]:
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
     return path
 

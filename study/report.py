@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 
 COLUMNS = {  # MLflow metric -> (heading, format)
@@ -287,9 +288,9 @@ def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow
     configs = write_best_configs(study, out / "best_configs.yaml")
     data = summary(study)
     data["notes"], data["importance_notes"] = notes, importance_notes
-    (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
-    (out / "report.md").write_text(render_markdown(study, figures, importance, importance_notes, notes, configs, out))
-    (out / "report.html").write_text(render_html(study, figures, importance, importance_notes, notes, configs))
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2, default=str))
+    atomic_write_text(out / "report.md", render_markdown(study, figures, importance, importance_notes, notes, configs, out))
+    atomic_write_text(out / "report.html", render_html(study, figures, importance, importance_notes, notes, configs))
     if log_to_mlflow:
         study.client.log_artifacts(study.parent_run_id, str(out), "report")
     return out
