@@ -30,6 +30,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise StudyInputError(f"--max-failures must be >= 0, got {args.max_failures}")
     if args.num_samples is not None and args.num_samples < 1:
         raise StudyInputError(f"--num-samples must be >= 1, got {args.num_samples}")
+    every = getattr(args, "checkpoint_every_s", None)
+    if every is not None and not (every >= 0 and every != float("inf")):
+        raise StudyInputError(f"--checkpoint-every-s must be a number of seconds >= 0 (0 = every epoch), got {every}")
     if getattr(args, "seeds", None) is not None and args.seeds < 0:
         raise StudyInputError(f"--seeds must be >= 0, got {args.seeds}")
 

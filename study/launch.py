@@ -32,6 +32,7 @@ class TrialFactory:
     data_id: str
     output: str
     pretrain_cache: str
+    checkpoint_every_s: float = 30.0
 
     def backbone(self, name: str) -> dict:
         return {"name": name, "width": self.plan.backbone_width(name)}
@@ -61,6 +62,7 @@ class TrialFactory:
             "data": self.data,
             "pretrain_checkpoint": checkpoint or None,
             "output_dir": str(Path(self.output) / "models" / f"{cell.id}__{seed}"),
+            "checkpoint_every_s": self.checkpoint_every_s,
         }
 
 
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0 = as resources allow)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<output>/mlflow.db)")
     p.add_argument("--optuna-storage", help="Optuna RDB URL for the per-cell studies (default: journal file)")
+    p.add_argument("--early-stopping", choices=["asha", "none"], default="asha",
+                   help="asha: per-cell ASHA on the selection score (default); none: every trial runs all epochs")
+    p.add_argument("--checkpoint-every-s", type=float, default=30.0,
+                   help="seconds between a fine-tuning trial's checkpoints (0 = every epoch); a retried or "
+                   "resumed trial continues from its last one")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial before it counts failed")
     p.add_argument("--storage", help="shared storage for Tune's state, trial checkpoints, pre-training checkpoints "
                    "and models (a path every node sees; default: the output folder)")
@@ -169,7 +176,6 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     from study.checks import check_mlflow_uri, check_numbers, check_ray_address
     from study.progress import ProgressCallback, log, setup_logging
     from study.resources import measure_shares, trial_resources
-    from study.scheduling import PerCellASHA
     from study.searcher import StudySearcher
     from study.summary import print_summary
     from study.tracking import MLflowTrialCallback, StudyTracker, code_version
@@ -192,6 +198,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             f"{output} already holds a study; continue it with --resume {output} or choose another --output"
         )
     check_numbers(args)
+    from trainables.faults import faults_from_env
+
+    faults_from_env("")  # a malformed STUDY_INJECT_FAULTS (fault-injection testing) is refused up front
     for flag, value in (("--storage", args.storage), ("--pretrain-cache", args.pretrain_cache)):
         if value and "://" in value:
             raise StudyInputError(f"{flag} {value!r}: give a folder every node mounts (NFS, EFS, a ReadWriteMany "
@@ -247,7 +256,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
     pretrain_cache = Path(args.pretrain_cache).resolve() if args.pretrain_cache else shared.parent / "pretrain_cache"
     factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared),
-                           pretrain_cache=str(pretrain_cache))
+                           pretrain_cache=str(pretrain_cache), checkpoint_every_s=args.checkpoint_every_s)
     shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
     if shares:
         log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
@@ -263,8 +272,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                                  study_name=plan.name, storage_url=args.optuna_storage)
         # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
         # trials report no selection score, and Tune's strict metric check would reject them.
-        scheduler = PerCellASHA(metric="score", mode="max", max_t=plan.finetune_epochs,
-                                grace_period=plan.grace_period)
+        scheduler = make_scheduler(plan, args.early_stopping)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True,
@@ -294,6 +302,17 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     except StudyInputError as exc:  # e.g. no finished fine-tuning trial
         log.info(f"no report: {exc}")
     return StudyOutcome(results=results, tracker=tracker, plan=plan, output=output)
+
+
+def make_scheduler(plan: StudyPlan, early_stopping: str = "asha"):
+    """Per-cell ASHA on the selection score with the plan's grace period, or FIFO (no early stopping)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from study.scheduling import PerCellASHA
+
+    if early_stopping == "none":
+        return FIFOScheduler()
+    return PerCellASHA(metric="score", mode="max", max_t=plan.finetune_epochs, grace_period=plan.grace_period)
 
 
 class StudyInterrupted(Exception):

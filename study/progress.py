@@ -124,7 +124,7 @@ class ProgressCallback(Callback):
             self.best, self.best_cell = score, cell
         score_txt = f" score {score:.3f}" if score is not None else ""
         line = (f"[{self.ended()}/{self.total}] {trial.config.get('stage', '?')} {cell} {trial.trial_id}: "
-                f"{outcome}{score_txt}; best {self.best:.3f}; elapsed {time.time() - self.start:.0f}s, "
+                f"{outcome}{score_txt}; best {f'{self.best:.3f}' if self.best_cell else '-'}; elapsed {time.time() - self.start:.0f}s, "
                 f"eta {self.eta_s():.0f}s")
         if self._live is not None:
             for h in log.handlers:  # the file keeps every line; the terminal shows the live table

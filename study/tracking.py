@@ -13,7 +13,10 @@ import logging
 import math
 import re
 import subprocess
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -22,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 log = logging.getLogger("study")
+# MLflow prints a full traceback for every failed SQL statement; the retries and the queue below say it in a line
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Final metrics every fine-tuning run carries (so the compare view lines trials up).
 FINAL_METRICS = (
@@ -150,17 +155,100 @@ class StudyTracker:
 
 
 class MLflowTrialCallback(Callback):
-    """Tune callback: one nested MLflow run per trial, metrics per epoch, final status and reason."""
+    """Tune callback: one nested MLflow run per trial, metrics per epoch, final status and reason.
 
-    def __init__(self, tracker: StudyTracker, study_tags: dict[str, str] | None = None) -> None:
+    Tune's event loop only queues the writes; a background thread makes them, in order. A function
+    trainable waits for the driver after every ``tune.report``, so a write made in the loop would add
+    its latency to every epoch of every trial. When the tracking store is unavailable (a locked SQLite
+    file, a restarting server) the writes wait in the queue and are made once it is back; at the end of
+    the study (also after Ctrl-C) the queue is drained before the launcher exits. An epoch that a
+    retried or resumed trial reports again is not logged twice.
+    """
+
+    def __init__(self, tracker: StudyTracker, study_tags: dict[str, str] | None = None,
+                 final_flush_s: float = 300.0, retry_s: float = 2.0) -> None:
         self.tracker = tracker
         self.study_tags = study_tags or {}
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.logged: dict[str, int] = {}  # trial id -> last epoch logged
+        self.final_flush_s, self.retry_s = final_flush_s, retry_s
+        self._init_writer()
+
+    def _init_writer(self) -> None:
+        self._pending: deque[tuple[str, Callable[[], None]]] = deque()
+        self._client: RetryingClient | None = None
+        self._thread: threading.Thread | None = None
+        self._wake, self._closing, self._down = threading.Event(), False, False
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment: no thread, queue or client
+        keep = ("tracker", "study_tags", "runs", "logged", "final_flush_s", "retry_s")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_writer()
 
     @property
     def client(self) -> MlflowClient:
-        return self.tracker.client
+        # no retries of our own (MLflow already waits: 20 s on a locked SQLite file, several HTTP retries
+        # for a server): a store that stays unavailable is handled by the queue
+        if self._client is None:
+            self._client = RetryingClient(MlflowClient(self.tracker.uri), attempts=1)
+        return self._client
 
+    # -- the write queue and its thread -----------------------------------------------------------------
+    def _submit(self, what: str, op: Callable[[], None]) -> None:
+        self._pending.append((what, op))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if not self._flush():
+                time.sleep(self.retry_s)
+            elif self._closing:
+                return
+
+    def _flush(self) -> bool:
+        """Make the queued writes in order; stop at the first that fails transiently. True when empty."""
+        while self._pending:
+            what, op = self._pending[0]
+            try:
+                op()
+            except Exception as exc:  # noqa: BLE001 - the study must outlive its tracking store
+                if _transient(exc):
+                    if not self._down:
+                        log.warning(f"MLflow unavailable ({type(exc).__name__}); writes are queued "
+                                    f"({len(self._pending)} now) and made once it is back")
+                    self._down = True
+                    return False
+                log.error(f"MLflow rejected {what}: {type(exc).__name__}: {str(exc)[:300]}")
+            if self._down:
+                log.warning("MLflow available again; making the queued writes")
+                self._down = False
+            self._pending.popleft()
+        return True
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write is made (or ``timeout_s`` passes); True when none is left."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.final_flush_s if timeout_s is None else timeout_s)
+        if self._thread is None or not self._thread.is_alive():
+            self._flush()
+        return not self._pending
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if not self.drain():
+            log.error(f"{len(self._pending)} MLflow write(s) could not be made: the tracking store stayed "
+                      f"unavailable for {self.final_flush_s:.0f}s; Tune's results in the output folder are complete")
+
+    # -- runs ---------------------------------------------------------------------------------------
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
@@ -172,6 +260,8 @@ class MLflowTrialCallback(Callback):
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "epoch")
+            self.logged[trial.trial_id] = max((int(m.step) for m in history), default=0)
         else:
             cfg = trial.config
             cell = cfg.get("cell", {})
@@ -194,36 +284,63 @@ class MLflowTrialCallback(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_for(trial)
+        self._submit(f"the run of trial {trial.trial_id}", lambda: self._run_for(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         if "hostname" in result:
             tags.append(RunTag("hostname", str(result["hostname"])))
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
+
+        def op() -> None:
+            run_id = self._run_for(trial)
+            if 0 < step <= self.logged.get(trial.trial_id, 0):
+                return  # an epoch a retried or resumed trial reports again (it restarted before it)
+            for i in range(0, len(metrics), 500):
+                self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
+            self.logged[trial.trial_id] = step
+
+        self._submit(f"epoch {step} of trial {trial.trial_id}", op)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run_for(trial)
         last = trial.last_result or {}
         planned = trial.config.get("train", {}).get("epochs") or trial.config.get("pretrain", {}).get("epochs")
         early = trial.config.get("stage") == "finetune" and planned and last.get("epoch", planned) < planned
-        self.client.set_tag(run_id, "outcome", "stopped_early" if early else "completed")
-        self.client.set_terminated(run_id, status="FINISHED")
+        self._submit(f"the end of trial {trial.trial_id}",
+                     lambda: self._end(trial, "FINISHED", {"outcome": "stopped_early" if early else "completed"}))
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """A failed attempt that Tune retries (``--max-failures``): its reason is kept on the run."""
+        failures = str(getattr(getattr(trial, "run_metadata", None), "num_failures", "") or "")
+        tags = {"retried_failures": failures, "last_failure_reason": failure_reason(trial)}
+        self._submit(f"the retry of trial {trial.trial_id}",
+                     lambda: [self.client.set_tag(self._run_for(trial), k, v) for k, v in tags.items()])
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        tags = {"outcome": "failed", "failure_reason": failure_reason(trial)}
+        self._submit(f"the failure of trial {trial.trial_id}", lambda: self._end(trial, "FAILED", tags))
+
+    def _end(self, trial, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_for(trial)
-        reason = "unknown error"
-        if trial.error_file and Path(trial.error_file).exists():
-            lines = [ln for ln in Path(trial.error_file).read_text().strip().splitlines() if ln.strip()]
-            reason = lines[-1] if lines else reason
-        self.client.set_tag(run_id, "outcome", "failed")
-        self.client.set_tag(run_id, "failure_reason", reason[:5000])
-        self.client.set_terminated(run_id, status="FAILED")
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status=status)
+
+
+def failure_reason(trial) -> str:
+    """The last error of a trial, one line: its exception's last line from Tune's error file."""
+    path = getattr(trial, "error_file", None)
+    if not path or not Path(path).exists():
+        return "unknown error"
+    text = Path(path).read_text().strip()
+    attempt = text.rsplit("Failure # ", 1)[-1]  # Tune appends one block per failed attempt
+    lines = [ln.strip() for ln in attempt.splitlines()[1:] if ln.strip()] or [ln.strip() for ln in text.splitlines()]
+    reason = lines[-1] if lines else "unknown error"
+    if "SIGKILL" in attempt or "died unexpectedly" in attempt or "ActorDiedError" in attempt:
+        reason = "the trial's process died (killed, e.g. SIGKILL or the out-of-memory killer): " + reason
+    return reason[:5000]
 
 
 def open_ui_command(tracking_uri: str) -> str:

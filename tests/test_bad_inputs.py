@@ -42,6 +42,7 @@ CLI_CASES = [
     (["--mlflow-uri", "http://127.0.0.1:{port}"], "MLflow server http://127.0.0.1:{port} is unreachable"),
     (["--trial-resources", "{gpu_node: 1"], "--trial-resources is not valid JSON"),
     (["--trial-resources", '{"gpu_node": -1}'], "--trial-resources must be a JSON object"),
+    (["--checkpoint-every-s", "-5"], "--checkpoint-every-s must be a number of seconds >= 0"),
     (["--backbones", "swinunetr"], "swinunetr needs an input size that is a multiple of 32"),
     (["--cohort", "{tmp}/nowhere/manifest.csv"], "manifest"),
     (["--resume", "{tmp}/nothing-here"], "no study.json there"),

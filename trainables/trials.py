@@ -17,12 +17,14 @@ from trainables.backbones import BackboneConfig, build_backbone
 from trainables.data import DataConfig, load_split, make_loader
 from trainables.engine import TrainConfig, fit
 from trainables.errors import StudyInputError
+from trainables.faults import FaultInjector, faults_from_env
 from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import save_finetuned, task_storage_bytes
 from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta
 
-# report(metrics, state) -> None; ``state`` is a resumable checkpoint dict or None.
-Report = Callable[[dict, dict | None], None]
+# report(metrics, state) -> None; ``state`` returns a resumable checkpoint dict when called (it copies the
+# trained parameters, so a report that does not checkpoint this epoch should not call it), or is None.
+Report = Callable[[dict, Callable[[], dict] | None], None]
 
 
 def _data_config(d: dict) -> DataConfig:
@@ -117,8 +119,11 @@ def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
     return strategy.apply(model, strategy.make_config(spec.strategy_params))
 
 
-def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None) -> dict:
-    """Fine-tune and evaluate; reports every epoch (``score`` = validation selection score)."""
+def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None, cell_id: str = "") -> dict:
+    """Fine-tune and evaluate; reports every epoch (``score`` = validation selection score).
+
+    ``cell_id`` selects the faults of ``STUDY_INJECT_FAULTS`` that apply (see :mod:`trainables.faults`).
+    """
     train = load_split(spec.data, "train")
     loaders = {
         "train": make_loader(train, spec.train.batch_size, shuffle=True, seed=spec.train.seed, augment=True),
@@ -127,12 +132,14 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
     }
     model = build_finetune_model(spec)
     storage = task_storage_bytes(model)
+    injector = FaultInjector(model, faults_from_env(cell_id), start_epoch=int(resume["epoch"]) + 1 if resume else 1)
 
     def on_epoch(epoch: int, metrics: dict, state: Callable[[], dict]) -> None:
+        injector.epoch_done(epoch)
         metrics["task_storage_bytes"] = storage
         if epoch == spec.train.epochs and spec.output_dir:
             metrics["model_path"] = _save_model(model, spec)
-        report(metrics, state())
+        report(metrics, state)
 
     result = fit(model, loaders["train"], loaders["val"], spec.train, spacing_mm=train.spacing_mm,
                  test_loader=loaders["test"], on_epoch=on_epoch, resume=resume)
@@ -159,5 +166,5 @@ def run_trial(config: dict, report: Report, resume: dict | None = None) -> dict:
     if stage == "pretrain":
         return run_pretrain(PretrainTrial.from_dict(config), report)
     if stage == "finetune":
-        return run_finetune(FinetuneTrial.from_dict(config), report, resume)
+        return run_finetune(FinetuneTrial.from_dict(config), report, resume, cell_id=config.get("cell", {}).get("id", ""))
     raise StudyInputError(f"trial config has stage {stage!r}; expected 'pretrain' or 'finetune'")

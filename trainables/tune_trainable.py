@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
 from ray import tune
@@ -48,14 +49,21 @@ def study_trainable(config: dict) -> None:
                 resume = torch.load(path, weights_only=False)
 
     node_id = _node_id()
+    every_s = float(config.get("checkpoint_every_s", 0.0))
+    last = time.monotonic()
 
-    def report(metrics: dict, state: dict | None) -> None:
+    def report(metrics: dict, state) -> None:
+        """Report every epoch; attach a checkpoint when ``checkpoint_every_s`` has passed since the last one
+        (0: every epoch). A checkpoint costs a write and a copy into Tune's storage, too much for every
+        one-second epoch of a small budget; a retry or resume continues from the last one there is."""
+        nonlocal last
         metrics = {**metrics, "node_id": node_id}
-        if state is None:
+        if state is None or time.monotonic() - last < every_s:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, _STATE_FILE))
+            torch.save(state(), os.path.join(d, _STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        last = time.monotonic()
 
     run_trial(config, report, resume=resume)
