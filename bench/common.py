@@ -30,12 +30,15 @@ def commit() -> str:
         return "unknown"
 
 
-def write_result(name: str, command: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """Write ``bench/results/<name>.json`` (atomically) with the machine, date, commit and command."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, command: str, rows: list[dict], extra: dict | None = None,
+                 folder: Path | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` (or into ``folder``), atomically, with the machine, date, commit
+    and command."""
+    folder = Path(folder) if folder else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": commit(), "command": command, "machine": machine(), "rows": rows, **(extra or {})}
-    path = RESULTS / f"{name}.json"
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
@@ -53,3 +56,38 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def fixed_trials(work: Path, budget: str, cells: list[tuple[str, str]], per_cell: int, sampled: bool = True,
+                 backbone: str = "segresnet", seed: int = 0):
+    """Fine-tuning trial configs fixed in advance, the same for every run of a benchmark.
+
+    Each cell ``(pretrain, strategy)`` gets ``per_cell`` trials with the seeds the study's searcher would
+    give them; ``sampled``: hyperparameters drawn from the cell's real search space by a seeded Optuna
+    random sampler (else the training defaults, identical across the cell's trials). Only ``none``
+    (random initialisation) cells, so no pre-training runs. Returns ``(plan, factory, configs)``; the
+    embedded cohort is generated and preprocessed in ``work/cohort`` first (not timed by callers).
+    """
+    import zlib
+
+    import optuna
+
+    from study.grid import Cell, select_plan
+    from study.launch import TrialFactory, prepare_data
+    from study.searcher import sample_finetune_params
+
+    if any(p != "none" for p, _ in cells):
+        raise ValueError("fixed_trials takes 'none' cells only (no pre-training)")
+    plan = select_plan("full", budget=budget, methods=["none"], strategies=sorted({s for _, s in cells}),
+                       backbones=[backbone], seed=seed)
+    data, data_id = prepare_data(plan, work, None)
+    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(work), pretrain_cache=str(work / "cache"))
+    configs = []
+    for pretrain, strategy in cells:
+        cell = Cell(pretrain, strategy, backbone)
+        sampler = optuna.samplers.RandomSampler(seed=zlib.crc32(cell.id.encode()) + seed)
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        for k in range(per_cell):
+            train, params = sample_finetune_params(study.ask(), strategy) if sampled else ({}, {})
+            configs.append(factory.finetune(cell, None, train, params, plan.seed * 100003 + k + 1))
+    return plan, factory, configs

@@ -20,8 +20,11 @@ from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import task_storage_bytes
 
 
-def measure(strategy: str, backbone: str, size: int, width: int, batch: int, steps: int, warmup: int = 2) -> dict:
-    device = resolve_device("auto")
+def measure(strategy: str, backbone: str, size: int, width: int, batch: int, steps: int, warmup: int = 2,
+            device: str = "auto", barrier=None) -> dict:
+    """One strategy's training steps on random volumes; ``barrier`` (a multiprocessing barrier) is waited
+    on after warm-up, so that processes sharing a device time their steps together."""
+    device = resolve_device(device)
     torch.manual_seed(0)
     model = build_backbone(BackboneConfig(backbone, width=width))
     spec = STRATEGIES.get(strategy)
@@ -35,6 +38,8 @@ def measure(strategy: str, backbone: str, size: int, width: int, batch: int, ste
     memory = PeakMemory(device).reset()
     times = []
     for i in range(warmup + steps):
+        if i == warmup and barrier is not None:
+            barrier.wait()
         t = time.perf_counter()
         loss = loss_fn(model(x), b)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -52,6 +57,26 @@ def measure(strategy: str, backbone: str, size: int, width: int, batch: int, ste
     return row
 
 
+def table(backbone: str, names: list[str], size: int, width: int, batch: int, steps: int,
+          device: str = "auto") -> list[dict]:
+    """One row per strategy on one backbone, with ratios to ``full`` when it is among them."""
+    BACKBONES.get(backbone)
+    width = 12 if backbone == "swinunetr" and width < 12 else width
+    rows = [measure(strategy, backbone, size, width, batch, steps, device=device) for strategy in names]
+    full = next((r for r in rows if r["strategy"] == "full"), None)
+    for r in rows:
+        if full:
+            r["time_vs_full"] = r["step_s"] / full["step_s"]
+            r["memory_vs_full"] = r["peak_memory_mb"] / full["peak_memory_mb"]
+            r["storage_vs_full"] = r["task_storage_bytes"] / full["task_storage_bytes"]
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print_table(rows, ["backbone", "strategy", "step_s", "time_vs_full", "peak_memory_mb", "memory_vs_full",
+                       "trainable_fraction", "task_storage_bytes", "storage_vs_full"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", default="segresnet")
@@ -64,18 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     for backbone in args.backbones.split(","):
-        BACKBONES.get(backbone)
-        width = 12 if backbone == "swinunetr" and args.width < 12 else args.width
-        for strategy in args.strategies.split(","):
-            rows.append(measure(strategy, backbone, args.size, width, args.batch, args.steps))
-        full = next((r for r in rows if r["backbone"] == backbone and r["strategy"] == "full"), None)
-        for r in rows:
-            if full and r["backbone"] == backbone:
-                r["time_vs_full"] = r["step_s"] / full["step_s"]
-                r["memory_vs_full"] = r["peak_memory_mb"] / full["peak_memory_mb"]
-                r["storage_vs_full"] = r["task_storage_bytes"] / full["task_storage_bytes"]
-    print_table(rows, ["backbone", "strategy", "step_s", "time_vs_full", "peak_memory_mb", "memory_vs_full",
-                       "trainable_fraction", "task_storage_bytes", "storage_vs_full"])
+        rows += table(backbone, args.strategies.split(","), args.size, args.width, args.batch, args.steps)
+    print_rows(rows)
     path = write_result(args.name, "python -m bench.strategies " + " ".join(argv or sys.argv[1:]), rows)
     print(f"wrote {path}")
     return 0

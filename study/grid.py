@@ -125,9 +125,10 @@ BUDGETS: dict[str, dict] = {
     # the whole path in a couple of minutes on 2 cores
     "smoke": dict(num_samples=1, pretrain_epochs=1, finetune_epochs=2, width=8, subjects=12, spacing_mm=4.0,
                   input_size=(16, 16, 16), grace_period=1),
-    # the full grid on a 2-core laptop in at most 30 minutes: 32^3 at 2 mm, narrow networks, 2 trials per cell
-    "laptop": dict(num_samples=2, pretrain_epochs=3, finetune_epochs=3, width=8, subjects=24, spacing_mm=2.0,
-                   input_size=(32, 32, 32), grace_period=2),
+    # the full grid on a 2-core laptop in at most 30 minutes: 16^3 at 4 mm (the 64 mm crop box), narrow
+    # networks, 64 subjects (19 train, 10 val, 10 test), 8 epochs, 2 trials per cell
+    "laptop": dict(num_samples=2, pretrain_epochs=8, finetune_epochs=8, width=8, subjects=64, spacing_mm=4.0,
+                   input_size=(16, 16, 16), grace_period=3),
     # a GPU cluster: 1 mm template resolution, every backbone, tens of epochs and trials per cell
     "paper": dict(num_samples=20, pretrain_epochs=50, finetune_epochs=40, width=24, subjects=200, spacing_mm=1.0,
                   input_size=(64, 64, 64), grace_period=8),
