@@ -23,15 +23,15 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    """The git commit of the code measured, with ``-dirty`` when tracked files have local changes (no Ray
-    or MLflow import: the GPU machine has neither)."""
+    """The git commit of the code measured, with ``-dirty`` when tracked files other than earlier results
+    have local changes (no Ray or MLflow import: the GPU machine has neither)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
                               timeout=5).stdout.strip()
 
     try:
         rev = git("rev-parse", "--short", "HEAD")
-        return (rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+        return (rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results") else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
