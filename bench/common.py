@@ -6,8 +6,10 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
+
+from study.provenance import code_version
+from trainables.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -23,17 +25,8 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    """The git commit of the code measured, with ``-dirty`` when tracked files other than earlier results
-    have local changes (no Ray or MLflow import: the GPU machine has neither)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
-                              timeout=5).stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        return (rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results") else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit of the code measured (``-dirty`` for local changes other than earlier results)."""
+    return code_version(ignore=("bench/results",))
 
 
 def write_result(name: str, command: str, rows: list[dict], extra: dict | None = None,
@@ -45,9 +38,7 @@ def write_result(name: str, command: str, rows: list[dict], extra: dict | None =
     doc = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": commit(), "command": command, "machine": machine(), "rows": rows, **(extra or {})}
     path = folder / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=2))
     return path
 
 

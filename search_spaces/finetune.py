@@ -25,30 +25,14 @@ def train_space(trial: optuna.Trial) -> dict:
     }
 
 
-@FINETUNE_SPACES.register("full")
-def full_space(trial: optuna.Trial) -> dict:
-    """Full fine-tuning has only the training loop's hyperparameters."""
+def no_own_hyperparameters(trial: optuna.Trial) -> dict:
+    """Strategies with nothing of their own to search (full, decoder, linear probe, BitFit, SSF): only
+    the training loop's hyperparameters (:func:`train_space`)."""
     return {}
 
 
-@FINETUNE_SPACES.register("decoder")
-def decoder_space(trial: optuna.Trial) -> dict:
-    return {}
-
-
-@FINETUNE_SPACES.register("linear")
-def linear_space(trial: optuna.Trial) -> dict:
-    return {}
-
-
-@FINETUNE_SPACES.register("bitfit")
-def bitfit_space(trial: optuna.Trial) -> dict:
-    return {}
-
-
-@FINETUNE_SPACES.register("ssf")
-def ssf_space(trial: optuna.Trial) -> dict:
-    return {}
+for _name in ("full", "decoder", "linear", "bitfit", "ssf"):
+    FINETUNE_SPACES.register(_name)(no_own_hyperparameters)
 
 
 @FINETUNE_SPACES.register("top")

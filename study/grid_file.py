@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from study.grid import BUDGETS, DEFAULT_BACKBONE, Cell, StudyPlan
+from trainables.atomic import atomic_write_text
 from trainables.engine import TrainConfig
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
@@ -142,6 +143,4 @@ def load_grid_file(path: str | Path) -> StudyPlan:
 def dump_grid_file(plan_fields: dict, cells: list[dict], path: str | Path) -> None:
     """Write a grid file (atomically) that :func:`load_grid_file` reads back."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({**plan_fields, "cells": cells}, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump({**plan_fields, "cells": cells}, sort_keys=False))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from study.grid import GRIDS, Cell, StudyPlan, select_plan
+from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 
 STUDY_FILE = "study.json"
@@ -224,10 +225,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                            artifact_location=artifacts)
     if not resume:
         keep = {k: v for k, v in vars(args).items() if k not in ("resume",)}
-        tmp = study_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": keep, "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)},
-                                  indent=2, default=str))
-        tmp.replace(study_file)
+        study = {"args": keep, "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
+        atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
     tracker.log_study_params({"grid": args.grid, "cells": len(plan.cells), "num_samples": plan.num_samples,
                               "seed": plan.seed, "code_version": code_version(),
                               "finetune_epochs": plan.finetune_epochs, "pretrain_epochs": plan.pretrain_epochs})

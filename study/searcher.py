@@ -21,6 +21,7 @@ from ray.tune.search import Searcher
 from search_spaces import FINETUNE_SPACES
 from search_spaces.finetune import train_space
 from study.grid import Cell, StudyPlan
+from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -234,9 +235,7 @@ class StudySearcher(Searcher):
 
     # -- resume -----------------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
-        tmp = Path(checkpoint_path + ".tmp")
-        tmp.write_bytes(pickle.dumps(self.state))
-        tmp.replace(checkpoint_path)
+        atomic_write(Path(checkpoint_path), lambda tmp: tmp.write_bytes(pickle.dumps(self.state)))
 
     def restore(self, checkpoint_path: str) -> None:
         self.state = pickle.loads(Path(checkpoint_path).read_bytes())

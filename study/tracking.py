@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import subprocess
 import threading
 import time
 from collections import deque
@@ -23,6 +22,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+from study.provenance import code_version
 
 log = logging.getLogger("study")
 # MLflow prints a full traceback for every failed SQL statement; the retries and the queue below say it in a line
@@ -35,19 +36,6 @@ FINAL_METRICS = (
 )
 _SECRET = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
 _URL_AUTH = re.compile(r"(\w+://)[^/@\s]+@")
-
-
-def code_version() -> str:
-    """The git commit of the code (with ``-dirty`` for local changes), or ``unknown``."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

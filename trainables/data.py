@@ -16,7 +16,6 @@ import math
 import operator
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 
 SPLITS = ("pretrain", "train", "val", "test")
@@ -290,9 +290,11 @@ def _cached_arrays(rec: SubjectRecord, cfg: DataConfig, cache: Path) -> tuple[np
             pass  # unreadable cache entry: rebuild it
     img, lab = _preprocess(rec, cfg)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{path.stem}.{uuid.uuid4().hex}.tmp.npz"
-    np.savez(tmp, image=img, label=lab)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, image=img, label=lab)
+
+    atomic_write(path, write)
     return img, lab
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from trainables.backbones import HemisphereHead, MultiTaskNet
 from trainables.errors import StudyInputError
 from trainables.finetune import check_int, freeze_all, register_strategy, set_trainable, train_heads
@@ -64,19 +66,22 @@ class TopConfig:
         check_int("top.trainable_blocks", self.trainable_blocks, 1)
 
 
+def _train_last(model: MultiTaskNet, modules: list[nn.Module], k: int, field_name: str, what: str) -> MultiTaskNet:
+    """Freeze the model, then let the last ``k`` of ``modules`` and the heads train; ``k`` beyond their
+    number is a clear error naming ``field_name`` and ``what`` they are."""
+    if k > len(modules):
+        raise StudyInputError(f"{field_name}={k} but backbone {model.config.name!r} has only {len(modules)} {what}")
+    freeze_all(model)
+    set_trainable(modules[len(modules) - k :])
+    train_heads(model)
+    return model
+
+
 @register_strategy("top", TopConfig)
 def apply_top(model: MultiTaskNet, cfg: TopConfig) -> MultiTaskNet:
     """Freeze the first ``len(blocks) - trainable_blocks`` blocks; the rest and the heads train."""
-    blocks = model.blocks()
-    if cfg.trainable_blocks > len(blocks):
-        raise StudyInputError(
-            f"top.trainable_blocks={cfg.trainable_blocks} but backbone {model.config.name!r} has only "
-            f"{len(blocks)} body blocks; use 'full' to train them all"
-        )
-    freeze_all(model)
-    set_trainable([m for _, m in blocks[len(blocks) - cfg.trainable_blocks :]])
-    train_heads(model)
-    return model
+    return _train_last(model, [m for _, m in model.blocks()], cfg.trainable_blocks,
+                       "top.trainable_blocks", "body blocks; use 'full' to train them all")
 
 
 @dataclass
@@ -94,16 +99,8 @@ class PartialConfig:
 @register_strategy("partial", PartialConfig)
 def apply_partial(model: MultiTaskNet, cfg: PartialConfig) -> MultiTaskNet:
     """Freeze the body except the last ``trainable_stages`` encoder stages; the heads train."""
-    n = len(model.encoder)
-    if cfg.trainable_stages > n:
-        raise StudyInputError(
-            f"partial.trainable_stages={cfg.trainable_stages} but backbone {model.config.name!r} "
-            f"has only {n} encoder stages"
-        )
-    freeze_all(model)
-    set_trainable(list(model.encoder)[n - cfg.trainable_stages :])
-    train_heads(model)
-    return model
+    return _train_last(model, list(model.encoder), cfg.trainable_stages, "partial.trainable_stages",
+                       "encoder stages")
 
 
 @dataclass

@@ -15,13 +15,13 @@ cost a task adds on top of a shared backbone.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from trainables.atomic import atomic_write
 from trainables.backbones import BackboneConfig, MultiTaskNet, build_backbone
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES, TaskModule
@@ -83,14 +83,7 @@ def save_finetuned(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_finetuned(path: str | os.PathLike, body_state: dict[str, Tensor] | None) -> nn.Module:

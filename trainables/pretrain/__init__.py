@@ -42,6 +42,15 @@ class PretrainObjective(nn.Module):
         """Losses for a batch of images ``(B, C, D, H, W)``; must contain ``loss``."""
         raise NotImplementedError
 
+    def voxel_head(self) -> nn.Conv3d:
+        """A new 1x1x1 convolution from the decoder's features to one value per input channel and voxel
+        (a reconstruction, or a noise estimate)."""
+        return nn.Conv3d(self.backbone.decoder_channels, self.backbone.config.in_channels, kernel_size=1)
+
+    def through_body(self, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """``head`` on the decoder's features of ``images``: encode, decode (with skips), head."""
+        return head(self.backbone.decode(images, self.backbone.encode(images)))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter except the backbone's task heads (which pre-training never uses)."""
         return [

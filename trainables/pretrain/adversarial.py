@@ -67,12 +67,11 @@ class Adversarial(PretrainObjective):
 
     def __init__(self, backbone: MultiTaskNet, cfg: AdversarialConfig) -> None:
         super().__init__(backbone, cfg)
-        channels = backbone.config.in_channels
-        self.recon_head = nn.Conv3d(backbone.decoder_channels, channels, kernel_size=1)
+        self.recon_head = self.voxel_head()
         self.discriminator = PatchDiscriminator(
             spatial_dims=3,
             channels=cfg.disc_channels,
-            in_channels=channels,
+            in_channels=backbone.config.in_channels,
             num_layers_d=cfg.disc_layers,
             norm="INSTANCE",
         )
@@ -85,7 +84,7 @@ class Adversarial(PretrainObjective):
         if self.cfg.mask_ratio > 0:
             mask = random_block_mask(images.shape, self.cfg.mask_ratio, self.cfg.block_size, images.device)
             inputs = images * (1 - mask)
-        return self.recon_head(self.backbone.decode(inputs, self.backbone.encode(inputs)))
+        return self.through_body(self.recon_head, inputs)
 
     def critic(self, volumes: torch.Tensor) -> torch.Tensor:
         """The discriminator's patch logits (its last output)."""

@@ -88,7 +88,7 @@ class Diffusion(PretrainObjective):
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.embedding_dim, channels), nn.SiLU(), nn.Linear(channels, channels)
         )
-        self.noise_head = nn.Conv3d(backbone.decoder_channels, backbone.config.in_channels, kernel_size=1)
+        self.noise_head = self.voxel_head()
 
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t)."""

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from trainables.backbones import MultiTaskNet
 from trainables.pretrain import PRETRAIN_METHODS, PretrainObjective, check
@@ -73,7 +72,7 @@ class MaskedInpainting(PretrainObjective):
 
     def __init__(self, backbone: MultiTaskNet, cfg: MaskedConfig) -> None:
         super().__init__(backbone, cfg)
-        self.recon_head = nn.Conv3d(backbone.decoder_channels, backbone.config.in_channels, kernel_size=1)
+        self.recon_head = self.voxel_head()
 
     def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked images, mask): hidden voxels replaced by 0 or by N(0, 1) noise."""
@@ -83,5 +82,5 @@ class MaskedInpainting(PretrainObjective):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         corrupted, mask = self.corrupt(images)
-        pred = self.recon_head(self.backbone.decode(corrupted, self.backbone.encode(corrupted)))
+        pred = self.through_body(self.recon_head, corrupted)
         return {"loss": masked_loss(pred, images, mask, self.cfg.loss), "mask_fraction": mask.mean()}

@@ -73,11 +73,11 @@ class Reconstruction(PretrainObjective):
 
     def __init__(self, backbone: MultiTaskNet, cfg: ReconstructionConfig) -> None:
         super().__init__(backbone, cfg)
-        self.recon_head = nn.Conv3d(backbone.decoder_channels, backbone.config.in_channels, kernel_size=1)
+        self.recon_head = self.voxel_head()
         self.criterion = ReconstructionLoss(cfg)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.recon_head(self.backbone.decode(images, self.backbone.encode(images)))
+        return self.through_body(self.recon_head, images)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.criterion(self.reconstruct(images), images)
