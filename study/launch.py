@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from study.grid import GRIDS, Cell, StudyPlan, select_plan
+from trainables import shared as shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 
@@ -62,7 +63,7 @@ class TrialFactory:
             "train": {**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size, "seed": seed},
             "data": self.data,
             "pretrain_checkpoint": checkpoint or None,
-            "output_dir": str(Path(self.output) / "models" / f"{cell.id}__{seed}"),
+            "output_dir": shared_storage.join(self.output, "models", f"{cell.id}__{seed}"),
             "checkpoint_every_s": self.checkpoint_every_s,
         }
 
@@ -99,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between a fine-tuning trial's checkpoints (0 = every epoch); a retried or "
                    "resumed trial continues from its last one")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial before it counts failed")
-    p.add_argument("--storage", help="shared storage for Tune's state, trial checkpoints, pre-training checkpoints "
-                   "and models (a path every node sees; default: the output folder)")
-    p.add_argument("--pretrain-cache", help="folder of cached pre-training checkpoints, shared by studies "
-                   "(default: pretrain_cache beside the output folder)")
+    p.add_argument("--storage", help="shared storage for Tune's state, trial checkpoints, pre-training checkpoints, "
+                   "the cohort and models: a folder every node mounts or an object-store URI such as "
+                   "s3://bucket/prefix (default: the output folder)")
+    p.add_argument("--pretrain-cache", help="folder or URI of cached pre-training checkpoints, shared by studies "
+                   "(default: pretrain_cache beside the output folder, or under an object-store --storage)")
     p.add_argument("--trial-resources", default=None,
                    help='extra custom Ray resources each fine-tuning trial needs, as JSON, e.g. \'{"gpu_node": 0.1}\'')
     return p
@@ -141,10 +143,26 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dic
             raise StudyInputError(
                 f"{manifest}: split {split!r} has {len(ds)} subjects, fewer than the batch size {plan.batch_size}"
             )
-    data_id = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]
+    # The cohort's identity for the pre-training cache: the manifest's bytes and how it was preprocessed.
+    identity = Path(manifest).read_bytes() + json.dumps([cfg.spacing_mm, list(cfg.input_size)]).encode()
+    data_id = hashlib.sha256(identity).hexdigest()[:16]
     data = asdict(cfg)
     data["input_size"] = list(cfg.input_size)
     return data, data_id
+
+
+def publish_cohort(manifest: Path, storage: str, data_id: str) -> str:
+    """Upload the cohort's folder (not its local preprocessing cache) to an object store, once per cohort.
+
+    Trials download it once per node (:func:`trainables.shared.fetch_tree`) and preprocess it there. The
+    manifest goes last: its presence marks a complete upload. Returns the manifest's URI.
+    """
+    remote = shared_storage.join(storage, "cohort", data_id)
+    target = shared_storage.join(remote, manifest.name)
+    if not shared_storage.exists(target):
+        shared_storage.put_tree(manifest.parent, remote, skip=(".cache", manifest.name))
+        shared_storage.put_file(manifest, target)
+    return target
 
 
 def _custom_resources(text: str | None) -> dict[str, float]:
@@ -202,21 +220,25 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     from trainables.faults import faults_from_env
 
     faults_from_env("")  # a malformed STUDY_INJECT_FAULTS (fault-injection testing) is refused up front
-    for flag, value in (("--storage", args.storage), ("--pretrain-cache", args.pretrain_cache)):
-        if value and "://" in value:
-            raise StudyInputError(f"{flag} {value!r}: give a folder every node mounts (NFS, EFS, a ReadWriteMany "
-                                  "volume); object-store URLs are not supported (mount the bucket instead)")
     custom_resources = _custom_resources(args.trial_resources)
     plan = _plan_from_args(args)
     check_ray_address(args.address)
     check_mlflow_uri(args.mlflow_uri)
+    for flag, value in (("--storage", args.storage), ("--pretrain-cache", args.pretrain_cache)):
+        if value:
+            shared_storage.check_storage(value, flag)  # an object store: write a probe before any work
     for strategy, backbone in dict.fromkeys((c.strategy, c.backbone) for c in plan.cells):
         check_applicable(strategy, backbone, tuple(plan.input_size))
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
-    shared = Path(args.storage).resolve() if args.storage else output  # what every node must see
-    shared.mkdir(parents=True, exist_ok=True)
-    data, data_id = prepare_data(plan, shared, args.cohort)
+    # What every node must see: a mounted folder, or an object-store URI (trainables/shared.py).
+    remote = shared_storage.is_remote(args.storage)
+    shared = args.storage.rstrip("/") if remote else str(Path(args.storage).resolve() if args.storage else output)
+    if not remote:
+        Path(shared).mkdir(parents=True, exist_ok=True)
+    data, data_id = prepare_data(plan, output if remote else Path(shared), args.cohort)
+    if remote:
+        data["manifest"] = publish_cohort(Path(data["manifest"]), shared, data_id)
 
     mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
     saved = json.loads(study_file.read_text()) if resume else {}
@@ -253,8 +275,13 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
     # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
     # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
-    pretrain_cache = Path(args.pretrain_cache).resolve() if args.pretrain_cache else shared.parent / "pretrain_cache"
-    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=str(shared),
+    if args.pretrain_cache:
+        pretrain_cache = args.pretrain_cache if shared_storage.is_remote(args.pretrain_cache) else \
+            str(Path(args.pretrain_cache).resolve())
+    else:
+        pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
+            str(Path(shared).parent / "pretrain_cache")
+    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
                            pretrain_cache=str(pretrain_cache), checkpoint_every_s=args.checkpoint_every_s)
     shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
     if shares:
@@ -263,11 +290,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         study_trainable,
         trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, custom_resources),
     )
-    storage = str(shared / "tune")
-    if resume and tune.Tuner.can_restore(os.path.join(storage, "study")):
-        tuner = tune.Tuner.restore(os.path.join(storage, "study"), trainable, resume_unfinished=True)
+    storage = shared_storage.join(shared, "tune")
+    if resume and tune.Tuner.can_restore(shared_storage.join(storage, "study")):
+        tuner = tune.Tuner.restore(shared_storage.join(storage, "study"), trainable, resume_unfinished=True)
     else:
-        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(shared),
+        # Only this driver process writes the Optuna studies: with an object store they stay in the output folder.
+        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
                                  study_name=plan.name, storage_url=args.optuna_storage)
         # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
         # trials report no selection score, and Tune's strict metric check would reject them.

@@ -22,6 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trainables import shared
 from trainables.errors import StudyInputError
 
 ARTIFACT_DIR = "model"
@@ -46,14 +47,27 @@ def stage_model(model_path: str | Path, info: dict, folder: str | Path) -> Path:
     """Copy ``model.pt`` (+ its pre-training ``body.pt`` when small) and write ``model_info.json`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    model_path = shared.fetch(model_path)  # this machine's copy when the study's storage is an object store
     shutil.copyfile(model_path, folder / "model.pt")
     ref = pretrain_ref(model_path)
     info = {**info, "pretrain_ref": ref, "body_included": False}
-    if ref and Path(ref).is_file() and Path(ref).stat().st_size <= MAX_BODY_BYTES:
-        shutil.copyfile(ref, folder / "body.pt")
+    body = _local_body(ref)
+    if body is not None and body.stat().st_size <= MAX_BODY_BYTES:
+        shutil.copyfile(body, folder / "body.pt")
         info["body_included"] = True
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return folder
+
+
+def _local_body(ref: str | None) -> Path | None:
+    """A local copy of the pre-training checkpoint ``ref`` (a path or an object-store URI), if it exists."""
+    if not ref:
+        return None
+    try:
+        body = shared.fetch(ref)
+    except StudyInputError:  # not in the object store (any more)
+        return None
+    return body if body.is_file() else None
 
 
 def register_best(client: MlflowClient, name: str, run_id: str, model_path: str | Path, info: dict,
@@ -138,8 +152,9 @@ def load_model_folder(path: str | Path) -> tuple[torch.nn.Module, dict]:
     body = None
     if ref is not None:
         local = model_file.parent / "body.pt"
-        if not local.is_file() and not Path(ref).is_file():
+        source = local if local.is_file() else _local_body(ref)
+        if source is None:
             raise StudyInputError(f"{model_file} needs its pre-training checkpoint {ref}, which does not exist")
-        body = load_checkpoint(local if local.is_file() else ref)
+        body = load_checkpoint(source)
     model = load_finetuned(model_file, body_state=body)
     return model.eval(), info

@@ -7,12 +7,15 @@ these specs and passes ``ray.tune.report``; a benchmark or a test passes a plain
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from trainables import shared
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.data import DataConfig, load_split, make_loader
 from trainables.engine import TrainConfig, fit
@@ -20,7 +23,7 @@ from trainables.errors import StudyInputError
 from trainables.faults import FaultInjector, faults_from_env
 from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import save_finetuned, task_storage_bytes
-from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta
+from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta, pretrain_key
 
 # report(metrics, state) -> None; ``state`` returns a resumable checkpoint dict when called (it copies the
 # trained parameters, so a report that does not checkpoint this epoch should not call it), or is None.
@@ -30,6 +33,9 @@ Report = Callable[[dict, Callable[[], dict] | None], None]
 def _data_config(d: dict) -> DataConfig:
     d = dict(d)
     d["input_size"] = tuple(d["input_size"])
+    if shared.is_remote(d["manifest"]):  # a cohort in an object store: this node's downloaded copy
+        folder, name = d["manifest"].rstrip("/").rsplit("/", 1)
+        d["manifest"] = str(shared.fetch_tree(folder) / name)
     return DataConfig(**d)
 
 
@@ -100,11 +106,35 @@ def run_pretrain(spec: PretrainTrial, report: Report) -> dict:
             report({**metrics, "epoch": epoch}, None)
         epochs.append(metrics)
 
-    path, result = cached_pretrain(spec.cache_dir, spec.backbone, spec.pretrain, loader, spec.data_id, on_epoch=on_epoch)
-    final = dict(result.final) if result is not None else dict(load_meta(path).get("final", {}))
+    if shared.is_remote(spec.cache_dir):
+        path, result = _remote_cached_pretrain(spec, loader, on_epoch)
+    else:
+        path, result = cached_pretrain(spec.cache_dir, spec.backbone, spec.pretrain, loader, spec.data_id,
+                                       on_epoch=on_epoch)
+    final = dict(result.final) if result is not None else dict(load_meta(shared.fetch(path)).get("final", {}))
     final.update(checkpoint_path=str(path), cache_hit=float(result is None), epoch=spec.pretrain.epochs)
     report(final, None)
     return final
+
+
+def _remote_cached_pretrain(spec: PretrainTrial, loader, on_epoch) -> tuple[str, object]:
+    """:func:`cached_pretrain` against a cache in an object store, through this node's local mirror of it.
+
+    A checkpoint already in the store is downloaded (``body.pt``, then ``meta.json``, the completion
+    marker); a new one is trained locally and uploaded in the same order. Returns the store's URI of
+    ``body.pt`` and the training result (``None`` on a cache hit).
+    """
+    key = pretrain_key(spec.backbone, spec.pretrain, spec.data_id)
+    remote, mirror = shared.join(spec.cache_dir, key), shared.local_mirror(spec.cache_dir)
+    names = ("body.pt", "meta.json")
+    if shared.exists(shared.join(remote, "meta.json")):
+        for name in names:
+            shared.get_file(shared.join(remote, name), mirror / key / name)
+    path, result = cached_pretrain(mirror, spec.backbone, spec.pretrain, loader, spec.data_id, on_epoch=on_epoch)
+    if result is not None:
+        for name in names:
+            shared.put_file(path.parent / name, shared.join(remote, name))
+    return shared.join(remote, "body.pt"), result
 
 
 def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
@@ -112,9 +142,10 @@ def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
     torch.manual_seed(spec.train.seed)
     model = build_backbone(spec.backbone)
     if spec.pretrain_checkpoint:
-        if not os.path.exists(spec.pretrain_checkpoint):
+        local = shared.fetch(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
+        if not os.path.exists(local):
             raise StudyInputError(f"pre-training checkpoint {spec.pretrain_checkpoint} does not exist")
-        model.load_body(load_checkpoint(spec.pretrain_checkpoint))
+        model.load_body(load_checkpoint(local))
     strategy = STRATEGIES.get(spec.strategy)
     return strategy.apply(model, strategy.make_config(spec.strategy_params))
 
@@ -147,8 +178,11 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
 
 
 def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
-    path = Path(spec.output_dir) / "model.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save the trained parameters to ``output_dir/model.pt`` (uploaded when that is an object store)."""
+    remote = shared.is_remote(spec.output_dir)
+    folder = Path(tempfile.mkdtemp(prefix="model-")) if remote else Path(spec.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.pt"
     save_finetuned(
         model,
         path,
@@ -157,7 +191,12 @@ def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
         strategy_cfg=spec.strategy_params,
         pretrain_ref=spec.pretrain_checkpoint,
     )
-    return str(path)
+    if not remote:
+        return str(path)
+    try:
+        return shared.put_file(path, shared.join(spec.output_dir, "model.pt"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_trial(config: dict, report: Report, resume: dict | None = None) -> dict:
