@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="full", help=f"grid preset ({', '.join(GRIDS)}) or a grid FILE.yaml")
     p.add_argument("--budget", choices=None, help="smoke | laptop | paper: sizes, epochs and trials "
                    "(default: smoke for --grid smoke; else laptop without a GPU, paper with one)")
-    p.add_argument("--output", help="study folder (default runs/<grid>)")
+    p.add_argument("--output", help="study folder (default runs/<study name>: the grid's name)")
     p.add_argument("--resume", metavar="DIR", help="continue the study in DIR")
     p.add_argument("--cohort", help="manifest.csv of your own cohort (default: the embedded synthetic cohort)")
     p.add_argument("--num-samples", type=int, help="Optuna trials per cell")
@@ -202,7 +203,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     from trainables.tune_trainable import study_trainable
 
     resume = args.resume is not None
-    output = Path(args.resume or args.output or f"runs/{args.grid}").resolve()
+    if args.resume or args.output:
+        output = Path(args.resume or args.output).resolve()
+    else:  # runs/<study name>: the preset's name, or the grid file's ``name``
+        check_numbers(args)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _plan_from_args(args).name).strip(".-") or "study"
+        output = (Path("runs") / name).resolve()
     study_file = output / STUDY_FILE
     if resume:
         if not study_file.exists():
@@ -249,8 +255,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         keep = {k: v for k, v in vars(args).items() if k not in ("resume",)}
         study = {"args": keep, "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
         atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
+    version = code_version()
     tracker.log_study_params({"grid": args.grid, "cells": len(plan.cells), "num_samples": plan.num_samples,
-                              "seed": plan.seed, "code_version": code_version(),
+                              "seed": plan.seed, "code_version": version,
                               "finetune_epochs": plan.finetune_epochs, "pretrain_epochs": plan.pretrain_epochs})
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -307,7 +314,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             run_config=tune.RunConfig(
                 name="study",
                 storage_path=storage,
-                callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}),
+                callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}, study_params={"code_version": version}),
                            ProgressCallback(plan.total_trials(), [c.id for c in plan.cells])],
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -154,9 +154,10 @@ class MLflowTrialCallback(Callback):
     """
 
     def __init__(self, tracker: StudyTracker, study_tags: dict[str, str] | None = None,
-                 final_flush_s: float = 300.0, retry_s: float = 2.0) -> None:
+                 final_flush_s: float = 300.0, retry_s: float = 2.0, study_params: dict | None = None) -> None:
         self.tracker = tracker
         self.study_tags = study_tags or {}
+        self.study_params = study_params or {}  # logged on every trial's run too (e.g. the code version)
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.logged: dict[str, int] = {}  # trial id -> last epoch logged
         self.final_flush_s, self.retry_s = final_flush_s, retry_s
@@ -265,7 +266,7 @@ class MLflowTrialCallback(Callback):
             }
             name = f"{cfg.get('stage', 'trial')}-{cell.get('id', trial.trial_id)}-{trial.trial_id}"
             run_id = self.client.create_run(self.tracker.experiment_id, run_name=name, tags=tags).info.run_id
-            params = [Param(k, v) for k, v in flatten(cfg).items()]
+            params = [Param(k, str(v)) for k, v in {**self.study_params, **flatten(cfg)}.items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[i : i + 100])
         self.runs[trial.trial_id] = run_id
@@ -279,8 +280,7 @@ class MLflowTrialCallback(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
-        if "hostname" in result:
-            tags.append(RunTag("hostname", str(result["hostname"])))
+        tags += [RunTag(k, str(result[k])) for k in (*RESULT_TAGS, "hostname") if result.get(k) is not None]
 
         def op() -> None:
             run_id = self._run_for(trial)
@@ -315,6 +315,10 @@ class MLflowTrialCallback(Callback):
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         self.client.set_terminated(run_id, status=status)
+
+
+# Text results a trial reports, kept as run tags: where its files are and which weights it started from.
+RESULT_TAGS = ("model_path", "checkpoint_path", "initial_body_sha256")
 
 
 def failure_reason(trial) -> str:

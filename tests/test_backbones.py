@@ -15,8 +15,13 @@ def tiny(name: str) -> tuple[BackboneConfig, int]:
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())
-def test_forward_backward_shapes(name: str) -> None:
+@pytest.mark.parametrize("at_32", [False, True], ids=["tiny", "32cubed"])
+def test_forward_backward_shapes(name: str, at_32: bool) -> None:
     cfg, side = tiny(name)
+    if at_32:
+        if side == 32:
+            pytest.skip("this backbone's tiny size is already 32^3")
+        side = 32
     torch.manual_seed(0)
     model = build_backbone(cfg)
     x = torch.randn(2, 1, side, side, side)

@@ -92,3 +92,19 @@ def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
     assert [r.data.tags["trial_number"] for r in order] == [str(i) for i in range(1, TRIALS + 1)]
     assert order[0].data.tags["stage"] == "pretrain"
     assert order[1].data.tags["stage"] == "finetune" and order[1].data.tags["pretrain"] == "none"
+
+    # The resumed study continued the same per-cell Optuna studies: one study per searched cell in the
+    # journal, whose finished trials are every completed trial of that cell, before and after the interrupt.
+    import optuna
+
+    from study.searcher import optuna_storage
+
+    storage = optuna_storage(None, out)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    searched = ["none__full__segresnet", "reconstruction__full__segresnet", "reconstruction__linear__segresnet"]
+    assert [n for n in names if not n.endswith("__top__segresnet")] == [f"resume/{c}" for c in searched]
+    for cell in searched:
+        study = optuna.load_study(study_name=f"resume/{cell}", storage=storage)
+        told = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        completed = [r for r in runs if r.data.tags["cell"] == cell and r.info.status == "FINISHED"]
+        assert len(told) == len(completed) == 2, cell

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import ray
@@ -13,7 +12,7 @@ import torch
 
 from study.launch import build_parser, run_study
 from study.tracking import FINAL_METRICS
-from trainables.backbones import BackboneConfig, build_backbone
+from trainables.backbones import BackboneConfig, build_backbone, state_fingerprint
 from trainables.finetune.storage import load_finetuned
 from trainables.pretrain.loop import load_checkpoint
 
@@ -39,6 +38,7 @@ def test_one_child_run_per_trial_with_named_metrics(smoke_study) -> None:
     assert len(trials) == len(plan.pretrain_jobs()) + len(plan.cells) * plan.num_samples
     assert not [t for t in trials if t.error]
     runs = smoke_study.tracker.child_runs()
+    parent_params = smoke_study.tracker.client.get_run(smoke_study.tracker.parent_run_id).data.params
     by_trial = {}
     for r in runs:
         by_trial.setdefault(r.data.tags["trial_id"], []).append(r)
@@ -50,8 +50,9 @@ def test_one_child_run_per_trial_with_named_metrics(smoke_study) -> None:
         assert r.info.status == "FINISHED"
         for key in FINAL_METRICS:
             assert key in r.data.metrics, (r.data.tags["cell"], key)
-        for key in ("train.lr_encoder", "train.seed", "backbone.name", "strategy", "cell.pretrain"):
+        for key in ("train.lr_encoder", "train.seed", "backbone.name", "strategy", "cell.pretrain", "code_version"):
             assert key in r.data.params, key
+        assert r.data.params["code_version"] == parent_params["code_version"]
         for tag in ("pretrain", "strategy", "backbone", "cell"):
             assert tag in r.data.tags
     assert {r.data.tags["stage"] for r in runs} == {"pretrain", "finetune"}
@@ -68,12 +69,27 @@ def _finetune_results(smoke_study, strategy: str, pretrain: str = "reconstructio
 
 
 def test_finetuning_started_from_the_pretraining_checkpoint(smoke_study) -> None:
+    """Each trial's run records the fingerprint of the body it started from, taken inside the trial."""
+    runs = {r.data.tags["trial_id"]: r for r in smoke_study.tracker.child_runs()}
+    checked = set()
+    for trial in smoke_study.results:
+        if trial.config["stage"] != "finetune":
+            continue
+        started = runs[trial.metrics["trial_id"]].data.tags["initial_body_sha256"]
+        torch.manual_seed(trial.config["train"]["seed"])  # what a trial without pre-training starts from
+        fresh = state_fingerprint(build_backbone(BackboneConfig(**trial.config["backbone"])).body_state_dict())
+        ckpt = trial.config["pretrain_checkpoint"]
+        if trial.config["cell"]["pretrain"] == "none":
+            assert ckpt is None and started == fresh
+        else:
+            assert started == state_fingerprint(load_checkpoint(ckpt)) != fresh  # the checkpoint, not a fresh init
+        checked.add((trial.config["cell"]["pretrain"], trial.config["strategy"]))
+    assert {("reconstruction", s) for s in ("full", "top", "lora")} <= checked
+
+
+def test_frozen_weights_are_the_checkpoints(smoke_study) -> None:
     (trial,) = _finetune_results(smoke_study, "top")
-    ckpt = trial.config["pretrain_checkpoint"]
-    assert ckpt and Path(ckpt).exists()
-    body = load_checkpoint(ckpt)
-    fresh = build_backbone(BackboneConfig(**trial.config["backbone"])).body_state_dict()
-    assert any(not torch.equal(body[k], fresh[k]) for k in body)  # pre-training changed the weights
+    body = load_checkpoint(trial.config["pretrain_checkpoint"])
     model = load_finetuned(trial.metrics["model_path"], body_state=body)
     state = model.state_dict()
     trained = set(torch.load(trial.metrics["model_path"], weights_only=False)["trained"])
@@ -113,3 +129,16 @@ def test_cli_rejects_unknown_strategy_without_traceback(tmp_path) -> None:
     assert proc.returncode == 2
     assert "unknown fine-tuning strategy 'bogus'" in proc.stderr and "valid fine-tuning strategies" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_default_output_is_runs_study_name(tmp_path, monkeypatch, capsys) -> None:
+    from study.launch import main
+
+    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: lora vs full\nbase: smoke\ncells:\n  - {pretrain: none, strategy: full}\n")
+    for argv, folder in ((["--grid", "smoke"], "smoke"), (["--grid", str(grid)], "lora-vs-full")):
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        (tmp_path / "runs" / folder / "study.json").write_text("{}")  # an earlier study there: refused, untouched
+        assert main(argv) == 2
+        assert f"{tmp_path / 'runs' / folder} already holds a study" in capsys.readouterr().err

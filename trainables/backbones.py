@@ -18,6 +18,7 @@ task-specific. Inputs are RAS-oriented, so voxel axis 0 runs from the left hemis
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,16 @@ class HemisphereHead(nn.Module):
         return self.mlp(pooled).squeeze(-1)  # (B, 2)
 
 
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and values (identifies exact weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class MultiTaskNet(nn.Module):
     """Base class: subclasses build ``encoder``/``decoder`` (and override ``decode`` if not U-Net-like)."""
 
@@ -143,6 +154,10 @@ class MultiTaskNet(nn.Module):
     def body_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder and decoder weights: what a pre-training checkpoint holds."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.split(".")[0] in ("encoder", "decoder")}
+
+    def body_fingerprint(self) -> str:
+        """sha256 of the body's weights: equal to :func:`state_fingerprint` of the checkpoint it was loaded from."""
+        return state_fingerprint(self.body_state_dict())
 
     def load_body(self, state: dict[str, torch.Tensor]) -> None:
         """Load a pre-training checkpoint's body with strict key matching (heads keep their init)."""

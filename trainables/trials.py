@@ -139,6 +139,11 @@ def _remote_cached_pretrain(spec: PretrainTrial, loader, on_epoch) -> tuple[str,
 
 def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
     """Backbone -> pre-trained body (if any) -> strategy applied; the model a fine-tuning trial trains."""
+    return apply_strategy(initial_model(spec), spec)
+
+
+def initial_model(spec: FinetuneTrial) -> torch.nn.Module:
+    """The seeded backbone with the pre-trained body loaded (if any), before the strategy is applied."""
     torch.manual_seed(spec.train.seed)
     model = build_backbone(spec.backbone)
     if spec.pretrain_checkpoint:
@@ -146,6 +151,10 @@ def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
         if not os.path.exists(local):
             raise StudyInputError(f"pre-training checkpoint {spec.pretrain_checkpoint} does not exist")
         model.load_body(load_checkpoint(local))
+    return model
+
+
+def apply_strategy(model: torch.nn.Module, spec: FinetuneTrial) -> torch.nn.Module:
     strategy = STRATEGIES.get(spec.strategy)
     return strategy.apply(model, strategy.make_config(spec.strategy_params))
 
@@ -161,13 +170,16 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         "val": make_loader(load_split(spec.data, "val"), spec.train.batch_size, shuffle=False, seed=0),
         "test": make_loader(load_split(spec.data, "test"), spec.train.batch_size, shuffle=False, seed=0),
     }
-    model = build_finetune_model(spec)
+    base = initial_model(spec)
+    initial_body = base.body_fingerprint()  # which weights the trial started from (an MLflow tag)
+    model = apply_strategy(base, spec)
     storage = task_storage_bytes(model)
     injector = FaultInjector(model, faults_from_env(cell_id), start_epoch=int(resume["epoch"]) + 1 if resume else 1)
 
     def on_epoch(epoch: int, metrics: dict, state: Callable[[], dict]) -> None:
         injector.epoch_done(epoch)
         metrics["task_storage_bytes"] = storage
+        metrics["initial_body_sha256"] = initial_body
         if epoch == spec.train.epochs and spec.output_dir:
             metrics["model_path"] = _save_model(model, spec)
         report(metrics, state)
