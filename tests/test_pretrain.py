@@ -18,7 +18,8 @@ from trainables.backbones import BACKBONES, BackboneConfig, build_backbone
 from trainables.engine import NonFiniteLossError, seed_everything
 from trainables.errors import StudyInputError
 from trainables.pretrain import PRETRAIN_METHODS, build_objective
-from trainables.pretrain.contrastive import nt_xent
+from trainables.pretrain.adversarial import AdversarialConfig
+from trainables.pretrain.contrastive import ContrastiveConfig, augment_pair, nt_xent
 from trainables.pretrain.diffusion import DiffusionConfig
 from trainables.pretrain.loop import (
     PretrainConfig,
@@ -112,17 +113,84 @@ def test_bad_values_raise_study_input_error(kwargs: dict) -> None:
 
 
 # -- each loss against its definition ---------------------------------------------------------------
+def _nt_xent_by_hand(views: list[torch.Tensor], tau: float) -> float:
+    """SimCLR's NT-Xent from its definition: views ``i`` and ``i + N`` are a positive pair among ``2N``;
+    ``-log exp(sim(i, pos) / tau) / sum_{k != i} exp(sim(i, k) / tau)``, averaged over all ``2N`` anchors."""
+    two_n = len(views)
+    unit = [v.double() / v.double().norm() for v in views]
+    total = 0.0
+    for i in range(two_n):
+        positive = (i + two_n // 2) % two_n
+        denominator = sum(math.exp(float(unit[i] @ unit[k]) / tau) for k in range(two_n) if k != i)
+        total += -math.log(math.exp(float(unit[i] @ unit[positive]) / tau) / denominator)
+    return total / two_n
+
+
 def test_nt_xent_matches_hand_computation() -> None:
     torch.manual_seed(0)
-    z1, z2 = torch.randn(2, 5), torch.randn(2, 5)
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)  # 4 volumes -> 8 views; i and i + 4 are a positive pair
     tau = 0.3
-    views = [z / z.norm() for z in [*z1, *z2]]  # 4 views; i and i + 2 are a positive pair
-    total = 0.0
-    for i in range(4):
-        positive = (i + 2) % 4
-        denominator = sum(math.exp(float(views[i] @ views[k]) / tau) for k in range(4) if k != i)
-        total += -math.log(math.exp(float(views[i] @ views[positive]) / tau) / denominator)
-    assert nt_xent(z1, z2, tau).item() == pytest.approx(total / 4, rel=1e-5)
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(_nt_xent_by_hand([*z1, *z2], tau), rel=1e-5)
+    # swapping the partners of two pairs changes the positives, hence the loss
+    swapped = z2[[1, 0, 2, 3]]
+    assert nt_xent(z1, swapped, tau).item() != pytest.approx(_nt_xent_by_hand([*z1, *z2], tau), rel=1e-3)
+
+
+def test_contrastive_objective_loss_is_nt_xent_of_its_views() -> None:
+    seed_everything(0)
+    obj = build_objective("contrastive", build_backbone(BackboneConfig("segresnet", 8)), {"temperature": 0.2})
+    x = smooth_volumes(4, (16, 16, 16))
+    torch.manual_seed(11)
+    loss = obj(x)["loss"].item()
+    torch.manual_seed(11)  # the objective draws its views first, from torch's generator
+    with torch.no_grad():
+        z = obj.embed(torch.cat(augment_pair(x, obj.cfg)))  # one batch of 8, as in forward (batch norm)
+    assert loss == pytest.approx(_nt_xent_by_hand(list(z), 0.2), rel=1e-4)
+
+
+def test_contrastive_views_are_shaped_random_and_seeded() -> None:
+    x = smooth_volumes(3, (16, 16, 16)).double()
+    cfg = ContrastiveConfig()
+    v1, v2 = augment_pair(x, cfg, torch.Generator().manual_seed(4))
+    for view in (v1, v2):
+        assert view.shape == x.shape and view.dtype == x.dtype and torch.isfinite(view).all()
+        assert (view - x).abs().amax(dim=(1, 2, 3, 4)).min() > 0.1  # every sample changed
+    assert (v1 - v2).abs().amax(dim=(1, 2, 3, 4)).min() > 0.1  # the two views of each volume differ
+    again = augment_pair(x, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(v1, again[0]) and torch.equal(v2, again[1])
+    other = augment_pair(x, cfg, torch.Generator().manual_seed(5))
+    assert not torch.equal(v1, other[0])
+    torch.manual_seed(9)  # without a generator: torch's global one, which the pre-training seed seeds
+    first = augment_pair(x, cfg)
+    torch.manual_seed(9)
+    assert torch.equal(first[0], augment_pair(x, cfg)[0])
+
+
+def test_contrastive_augmentations_do_what_their_config_says() -> None:
+    x = smooth_volumes(2, (16, 16, 16))
+    off = {
+        "min_crop": 1.0,
+        "flip_prob": 0.0,
+        "intensity_scale": 0.0,
+        "intensity_shift": 0.0,
+        "noise_std": 0.0,
+    }
+    identity, _ = augment_pair(x, ContrastiveConfig(**off))
+    torch.testing.assert_close(identity, x, rtol=1e-5, atol=1e-5)
+    flipped, _ = augment_pair(x, ContrastiveConfig(**{**off, "flip_prob": 1.0}))
+    torch.testing.assert_close(flipped, x.flip(2, 3, 4), rtol=1e-5, atol=1e-5)
+    noisy, _ = augment_pair(x, ContrastiveConfig(**{**off, "noise_std": 0.2}))
+    assert (noisy - x).std().item() == pytest.approx(0.2, rel=0.05)
+    affine, _ = augment_pair(x, ContrastiveConfig(**{**off, "intensity_scale": 0.5, "intensity_shift": 0.5}))
+    for view, volume in zip(
+        affine, x, strict=True
+    ):  # view = volume * gain + offset, gain in [0.5, 1.5], |offset| <= 0.5
+        gain = ((view - view.mean()) * (volume - volume.mean())).sum() / ((volume - volume.mean()) ** 2).sum()
+        offset = view.mean() - gain * volume.mean()
+        torch.testing.assert_close(view, volume * gain + offset, rtol=1e-4, atol=1e-4)
+        assert 0.5 <= gain.item() <= 1.5 and abs(offset.item()) <= 0.5 and gain.item() != pytest.approx(1.0)
+    cropped, _ = augment_pair(x, ContrastiveConfig(**{**off, "min_crop": 0.5}))
+    assert cropped.shape == x.shape and not torch.allclose(cropped, x, atol=1e-2)
 
 
 @pytest.mark.parametrize("schedule", ["linear_beta", "scaled_linear_beta"])
@@ -231,6 +299,36 @@ def test_adversarial_players_are_separate_and_critic_sees_detached_fakes() -> No
     grads = torch.autograd.grad(losses["d_loss"], generator, allow_unused=True, retain_graph=True)
     assert all(g is None for g in grads)  # the discriminator loss never reaches the generator
     assert any(g is not None for g in torch.autograd.grad(losses["loss"], generator, allow_unused=True))
+
+
+@pytest.mark.parametrize("criterion", ["least_squares", "bce"])
+def test_adversarial_losses_match_hand_computation(criterion: str) -> None:
+    cfg = AdversarialConfig(adv_weight=0.3, recon_weight=0.7, criterion=criterion, mask_ratio=0.25)
+    seed_everything(0)
+    obj = build_objective("adversarial", build_backbone(BackboneConfig("segresnet", 8)), cfg)
+    x = smooth_volumes(2, (16, 16, 16))
+    torch.manual_seed(21)
+    losses = obj(x)
+    torch.manual_seed(21)  # the objective's only random draw is the block mask of its input
+    with torch.no_grad():
+        mask = random_block_mask(x.shape, 0.25, 4, x.device)
+        fake = obj.through_body(obj.recon_head, x * (1 - mask))
+        d_fake, d_real = obj.discriminator(fake)[-1], obj.discriminator(x)[-1]
+    if criterion == "least_squares":
+        # LSGAN (Mao et al., 2017) on MONAI's activation of the patch logits, LeakyReLU(0.05): generator
+        # wants D(fake) = 1; discriminator wants D(real) = 1 and D(fake) = 0.
+        a_fake, a_real = F.leaky_relu(d_fake, 0.05), F.leaky_relu(d_real, 0.05)
+        g_adv = ((a_fake - 1) ** 2).mean()
+        d_loss = 0.5 * ((a_real - 1) ** 2).mean() + 0.5 * (a_fake**2).mean()
+    else:
+        # BCE on sigmoid(D): -log sigmoid(z) = softplus(-z), -log(1 - sigmoid(z)) = softplus(z)
+        g_adv = F.softplus(-d_fake).mean()
+        d_loss = 0.5 * F.softplus(-d_real).mean() + 0.5 * F.softplus(d_fake).mean()
+    recon = (fake - x).abs().mean()
+    assert losses["recon_loss"].item() == pytest.approx(recon.item(), rel=1e-5)
+    assert losses["g_adv_loss"].item() == pytest.approx(g_adv.item(), rel=1e-4)
+    assert losses["loss"].item() == pytest.approx((0.7 * recon + 0.3 * g_adv).item(), rel=1e-4)
+    assert losses["d_loss"].item() == pytest.approx(d_loss.item(), rel=1e-4)
 
 
 # -- training ------------------------------------------------------------------------------------

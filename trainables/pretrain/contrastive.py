@@ -1,7 +1,8 @@
 """SimCLR contrastive pre-training of the encoder.
 
 Chen et al., 2020, "A simple framework for contrastive learning of visual representations": two
-random augmentations of each volume, an MLP projection head on the globally pooled bottleneck, and
+random augmentations of each volume (3D random crop resized back, flips, intensity scale and shift,
+Gaussian noise; MONAI transforms), an MLP projection head on the globally pooled bottleneck, and
 the NT-Xent loss pulling the two views of a volume together against every other view in the batch.
 
 Only the encoder (and the projection head) get gradients: this objective never runs the decoder, so
@@ -10,10 +11,21 @@ the decoder's weights in the checkpoint stay at their (seeded) initialisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    RandFlip,
+    RandGaussianNoise,
+    RandScaleCrop,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+)
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from trainables.backbones import MultiTaskNet
@@ -50,25 +62,43 @@ class ContrastiveConfig:
             check(getattr(self, name) >= 0, f"contrastive {name} must be >= 0, got {getattr(self, name)!r}")
 
 
-def augment(images: torch.Tensor, cfg: ContrastiveConfig) -> torch.Tensor:
-    """One random view per sample, batched: crop-and-resize + flips (one affine resampling), intensity, noise.
+def augmentation(cfg: ContrastiveConfig, spatial_size: Sequence[int]) -> Compose:
+    """SimCLR's view transform for one channel-first volume ``(C, D, H, W)``, as MONAI transforms.
 
-    The crop side per axis is ``U(min_crop, 1)`` of the volume side at a random position, resampled
-    back to the full size (trilinear); a flip negates that axis of the affine.
+    A random crop whose side per axis is ``U(min_crop, 1)`` of the volume side, at a random position,
+    resized back to ``spatial_size`` (trilinear); a flip of each axis with probability ``flip_prob``;
+    intensity scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)``; Gaussian noise of std ``noise_std``.
     """
-    b, device = images.shape[0], images.device
-    scale = cfg.min_crop + (1 - cfg.min_crop) * torch.rand(b, 3, device=device)
-    shift = (1 - scale) * (2 * torch.rand(b, 3, device=device) - 1)
-    flip = torch.where(torch.rand(b, 3, device=device) < cfg.flip_prob, -1.0, 1.0)
-    theta = torch.zeros(b, 3, 4, device=device, dtype=images.dtype)
-    theta[:, :, :3] = torch.diag_embed(scale * flip).to(images.dtype)
-    theta[:, :, 3] = shift.to(images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    view = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    view_shape = (b,) + (1,) * (images.ndim - 1)
-    gain = 1 + cfg.intensity_scale * (2 * torch.rand(view_shape, device=device) - 1)
-    offset = cfg.intensity_shift * (2 * torch.rand(view_shape, device=device) - 1)
-    return view * gain + offset + cfg.noise_std * torch.randn_like(view)
+    return Compose(
+        [
+            RandScaleCrop(roi_scale=cfg.min_crop, max_roi_scale=1.0, random_size=True),
+            Resize(spatial_size=tuple(spatial_size), mode="trilinear"),
+            *(RandFlip(prob=cfg.flip_prob, spatial_axis=axis) for axis in range(len(spatial_size))),
+            RandScaleIntensity(factors=cfg.intensity_scale, prob=1.0),
+            RandShiftIntensity(offsets=cfg.intensity_shift, prob=1.0),
+            RandGaussianNoise(prob=1.0, std=cfg.noise_std, sample_std=False),
+        ]
+    )
+
+
+def augment_pair(
+    images: torch.Tensor, cfg: ContrastiveConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random views of each volume of the batch ``(B, C, D, H, W)``, same shape, dtype and device.
+
+    The MONAI transforms run per sample; their random state is seeded from ``generator`` (a CPU
+    generator; torch's global one if ``None``, which the pre-training seed seeds), so a seeded run draws
+    the same views.
+    """
+    transform = augmentation(cfg, images.shape[2:])
+    transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+
+    def view() -> torch.Tensor:
+        volumes = [convert_to_tensor(transform(volume), track_meta=False) for volume in images]
+        return torch.stack(volumes).to(device=images.device, dtype=images.dtype)
+
+    with torch.no_grad():
+        return view(), view()
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -111,8 +141,6 @@ class Contrastive(PretrainObjective):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         # A batch of one volume has no negatives: its loss is exactly 0 (no gradient), which is harmless.
-        with torch.no_grad():
-            views = torch.cat([augment(images, self.cfg), augment(images, self.cfg)])
-        z = self.embed(views)
+        z = self.embed(torch.cat(augment_pair(images, self.cfg)))
         z1, z2 = z.chunk(2)
         return {"loss": nt_xent(z1, z2, self.cfg.temperature)}
