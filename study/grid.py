@@ -47,6 +47,9 @@ class Cell:
         return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone}
 
 
+OPTIMISER_SETTINGS = ("lr", "weight_decay")  # the pre-training settings of pretrain_params outside the method
+
+
 @dataclass
 class StudyPlan:
     """Everything the launcher needs to run a study: cells, trial counts, sizes, epochs.
@@ -65,6 +68,10 @@ class StudyPlan:
         seed: the study's seed (cohort, Optuna samplers, trial seeds).
         grace_period: epochs every fine-tuning trial runs before ASHA may stop it.
         seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no).
+        pretrain_params: per pre-training method, settings that replace its defaults: ``lr`` and
+            ``weight_decay`` of the pre-training optimiser and any field of the method's config, e.g.
+            ``{"contrastive": {"temperature": 0.2, "lr": 3e-4}}``. Pre-training is not searched: one
+            checkpoint per (method, backbone, these settings) serves every cell of the method.
     """
 
     name: str
@@ -80,10 +87,13 @@ class StudyPlan:
     seed: int = 0
     grace_period: int = 2
     seeds: int = 0
+    pretrain_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.cells:
             raise StudyInputError("the grid has no cells: check --methods/--strategies/--backbones")
+        for method, params in self.pretrain_params.items():
+            self.pretrain_settings(method, params)  # unknown methods and fields are refused here
         if self.num_samples < 1:
             raise StudyInputError(f"--num-samples must be >= 1, got {self.num_samples}")
         for cell in self.cells:
@@ -94,6 +104,30 @@ class StudyPlan:
                 raise StudyInputError(
                     f"cell {cell.id}: swinunetr needs an input size that is a multiple of 32, got {self.input_size}"
                 )
+
+    def pretrain_settings(self, method: str, params: dict | None = None) -> dict:
+        """The PretrainConfig fields ``pretrain_params`` sets for ``method``: optimiser ones and ``method_params``."""
+        from trainables.pretrain import method_config
+
+        try:
+            PRETRAIN_METHODS.get(method)
+        except StudyInputError as exc:
+            raise StudyInputError(f"pretrain_params: {exc}") from None
+        params = self.pretrain_params.get(method, {}) if params is None else params
+        if not isinstance(params, dict):
+            raise StudyInputError(f"pretrain_params.{method} must be a mapping of setting -> value, got {params!r}")
+        settings = {k: params[k] for k in OPTIMISER_SETTINGS if k in params}
+        for key, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise StudyInputError(f"pretrain_params.{method}.{key} must be a number >= 0, got {value!r}")
+        method_params = {k: v for k, v in params.items() if k not in OPTIMISER_SETTINGS}
+        try:
+            method_config(method, method_params)
+        except StudyInputError as exc:
+            raise StudyInputError(f"pretrain_params.{method}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise StudyInputError(f"pretrain_params.{method}: {exc}") from None
+        return {**settings, "method_params": method_params}
 
     def samples(self, cell: Cell) -> int:
         """Search trials of ``cell``."""

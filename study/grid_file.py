@@ -137,7 +137,11 @@ def load_grid_file(path: str | Path) -> StudyPlan:
         elif isinstance(value, (int, float)) and value < 0:
             raise StudyInputError(f"grid file {path}: {key} must be >= 0, got {value!r}")
     name = str(raw.get("name") or path.stem)
-    return dataclasses.replace(plan, name=name, cells=[_cell(path, i, c) for i, c in enumerate(cells)], **overrides)
+    cells = [_cell(path, i, c) for i, c in enumerate(cells)]
+    try:
+        return dataclasses.replace(plan, name=name, cells=cells, **overrides)
+    except StudyInputError as exc:
+        raise StudyInputError(f"grid file {path}: {exc}") from None
 
 
 def dump_grid_file(plan_fields: dict, cells: list[dict], path: str | Path) -> None:

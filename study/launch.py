@@ -46,7 +46,7 @@ class TrialFactory:
             "cell": {"pretrain": method, "backbone": backbone, "id": f"{method}__{backbone}"},
             "backbone": self.backbone(backbone),
             "pretrain": {"method": method, "epochs": self.plan.pretrain_epochs, "batch_size": self.plan.batch_size,
-                         "seed": self.plan.seed},
+                         "seed": self.plan.seed, **self.plan.pretrain_settings(method)},
             "data": self.data,
             "data_id": self.data_id,
             "cache_dir": self.pretrain_cache,

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from study.grid import select_plan
 from study.grid_file import load_grid_file
 from study.launch import main
 from trainables.data import read_manifest
@@ -110,6 +111,12 @@ GRID_CASES = [
     ("finetune_epochs: many\ncells: [{pretrain: none, strategy: full}]\n", "finetune_epochs must be a int"),
     ("base: enormous\ncells: [{pretrain: none, strategy: full}]\n", "unknown base 'enormous'"),
     ("cells: [{pretrain: magic, strategy: full}]\n", "unknown pre-training method 'magic'"),
+    ("pretrain_params: {contrastive: {temprature: 0.2}}\ncells: [{pretrain: contrastive, strategy: full}]\n",
+     "pretrain_params.contrastive: unknown parameter(s) ['temprature']"),
+    ("pretrain_params: {contrastive: {lr: -1}}\ncells: [{pretrain: contrastive, strategy: full}]\n",
+     "pretrain_params.contrastive.lr must be a number >= 0"),
+    ("pretrain_params: {magic: {}}\ncells: [{pretrain: none, strategy: full}]\n",
+     "pretrain_params: unknown pre-training method 'magic'"),
 ]
 
 
@@ -131,6 +138,24 @@ def test_grid_file_round_trip(tmp_path) -> None:
     (cell,) = plan.cells
     assert (cell.pretrain, cell.strategy, cell.backbone, cell.num_samples) == ("none", "lora", "segresnet", 2)
     assert cell.params == {"train": {"lr_encoder": 0.001}, "strategy_params": {"rank": 8}}
+
+
+def test_grid_file_sets_pretraining_settings(tmp_path) -> None:
+    from study.launch import TrialFactory
+    from trainables.pretrain.loop import pretrain_key
+    from trainables.trials import PretrainTrial
+
+    path = tmp_path / "g.yaml"
+    path.write_text("name: t\nbase: smoke\npretrain_params: {contrastive: {temperature: 0.2, lr: 0.0003}}\n"
+                    "cells: [{pretrain: contrastive, strategy: full}]\n")
+    factory = TrialFactory(plan=load_grid_file(path), data={"manifest": "m.csv", "input_size": [16, 16, 16]},
+                           data_id="x", output=str(tmp_path), pretrain_cache=str(tmp_path))
+    spec = PretrainTrial.from_dict(factory.pretrain("contrastive", "segresnet"))
+    assert spec.pretrain.lr == 0.0003 and spec.pretrain.method_params == {"temperature": 0.2}
+    default = PretrainTrial.from_dict(TrialFactory(**{**vars(factory), "plan": select_plan("smoke")})
+                                      .pretrain("contrastive", "segresnet"))
+    assert default.pretrain.lr != 0.0003  # the defaults otherwise; a changed setting is another cached checkpoint
+    assert pretrain_key(spec.backbone, spec.pretrain, "x") != pretrain_key(default.backbone, default.pretrain, "x")
 
 
 # -- property-based: the parsers return a valid config or raise the project's own error, nothing else --
