@@ -69,6 +69,16 @@ def test_cli_argument(argv, expected, tmp_path, capsys) -> None:
     assert expected.replace("{port}", str(port)) in _run(argv, capsys)
 
 
+def test_ray_address_comes_from_the_environment(tmp_path, monkeypatch, capsys) -> None:
+    from study.launch import build_parser
+
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert build_parser().parse_args([]).address == f"127.0.0.1:{port}"
+    err = _run(["--grid", "smoke", "--output", str(tmp_path / "out")], capsys)
+    assert f"127.0.0.1:{port}" in err and "ray start --head" in err  # checked up front, like --address
+
+
 def test_output_folder_holding_another_study(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -482,6 +482,10 @@ def test_mlflow_server_script_binds_localhost_unless_told_otherwise(tmp_path) ->
                              "postgresql://mlflow:hunter2@db:5432/mlflow", "--dry-run"],
                             capture_output=True, text=True, check=True).stdout
     assert "hunter2" not in secret and "postgresql://mlflow:***@db:5432/mlflow" in secret
+    wide = subprocess.run(["bash", MLFLOW_SERVER, "--root", tmp_path, "--host", "0.0.0.0", "--dry-run"],
+                          capture_output=True, text=True, check=True)
+    assert "--host 0.0.0.0" in wide.stdout and "--host 127.0.0.1" not in wide.stdout
+    assert "binding 0.0.0.0 without --auth" in wide.stderr  # a wider bind is said out loud
 
 
 def test_local_cluster_script_usage() -> None:

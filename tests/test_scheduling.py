@@ -112,3 +112,26 @@ def test_searcher_overlaps_pretraining_and_finetuning(tmp_path) -> None:
     assert cells_now.count("reconstruction__full__segresnet") == 3
     assert all(c["ckpt"] == "/ckpt/recon" for c in nxt if c and c["cell"].startswith("reconstruction"))
     assert "contrastive__full__segresnet" not in cells_now
+
+
+def test_searcher_keeps_its_studies_in_the_optuna_rdb_url(tmp_path) -> None:
+    """--optuna-storage: the per-cell studies live in the given database, not in a journal file."""
+    import optuna
+
+    from study.grid import Cell, StudyPlan
+    from study.searcher import StudySearcher
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = StudyPlan(name="t", cells=[Cell("none", "full", "segresnet")], num_samples=2, finetune_epochs=1)
+    searcher = StudySearcher(
+        plan, make_pretrain=lambda m, b: {"stage": "pretrain"},
+        make_finetune=lambda cell, ckpt, train, params, seed, phase: {"stage": "finetune", "train": train},
+        output=str(tmp_path), study_name="t", storage_url=url,
+    )
+    for i, score in enumerate((0.25, 0.5)):
+        assert searcher.suggest(f"t{i}")["stage"] == "finetune"
+        searcher.on_trial_complete(f"t{i}", {"score": score, "epoch": 1})
+    (summary,) = optuna.get_all_study_summaries(url)
+    assert summary.study_name == "t/none__full__segresnet" and summary.n_trials == 2
+    assert optuna.load_study(study_name=summary.study_name, storage=url).best_value == 0.5
+    assert not (tmp_path / "optuna.journal").exists()
