@@ -171,3 +171,24 @@ def test_cli_bad_argument_exits_2_with_one_line(args: list[str], tmp_path: Path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_difficulty_weakens_the_groove_and_adds_noise() -> None:
+    """--difficulty: the same subject (same pose, same groove) with a fainter groove and more noise."""
+    from study.cohort import CohortParams, synthesize_subject
+
+    def subject(difficulty: float, index: int):
+        return synthesize_subject(CohortParams(subjects=8, seed=0, spacing=4.0, difficulty=difficulty), index)
+
+    index = next(i for i in range(20) if subject(1.0, i)[1].any())
+    (easy, easy_label, _), (hard, hard_label, _) = subject(0.5, index), subject(2.0, index)
+    assert np.array_equal(easy_label, hard_label)
+    groove = easy_label > 0
+    around = ndimage.binary_dilation(groove, iterations=2) & ~groove  # the grey matter beside the groove
+
+    def contrast(image):
+        return 1 - image[groove].mean() / image[around].mean()
+
+    assert contrast(easy) > contrast(hard) + 0.1
+    outside = ndimage.binary_erosion(easy < 0.05 * easy.max(), iterations=1)  # air: only noise there
+    assert outside.sum() > 20 and hard[outside].mean() > 2 * easy[outside].mean()
