@@ -152,6 +152,16 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dic
     return data, data_id
 
 
+def saved_args(args: argparse.Namespace) -> dict:
+    """The arguments ``study.json`` keeps for ``--resume`` and the report, with folders made absolute
+    (a relative ``--storage`` must mean the same folder when the study is resumed from elsewhere)."""
+    saved = {k: v for k, v in vars(args).items() if k != "resume"}
+    for key in ("storage", "pretrain_cache", "cohort"):
+        if saved.get(key) and not shared_storage.is_remote(saved[key]):
+            saved[key] = str(Path(saved[key]).expanduser().resolve())
+    return saved
+
+
 def publish_cohort(manifest: Path, storage: str, data_id: str) -> str:
     """Upload the cohort's folder (not its local preprocessing cache) to an object store, once per cohort.
 
@@ -252,8 +262,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"),
                            artifact_location=artifacts)
     if not resume:
-        keep = {k: v for k, v in vars(args).items() if k not in ("resume",)}
-        study = {"args": keep, "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
+        study = {"args": saved_args(args), "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
         atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
     version = code_version()
     tracker.log_study_params({"grid": args.grid, "cells": len(plan.cells), "num_samples": plan.num_samples,

@@ -222,6 +222,23 @@ def register_models(study: Study) -> list[str]:
     return notes
 
 
+def optuna_location(folder: Path, args: dict) -> str | Path:
+    """Where the launcher kept the study's per-cell Optuna studies.
+
+    The RDB URL of ``--optuna-storage`` when one was given, else the folder holding ``optuna.journal``:
+    the shared ``--storage`` folder when one was given (the launcher writes the journal there and saves
+    the folder's absolute path in ``study.json``), else the study folder (also with an object-store
+    ``--storage``, which holds no journal).
+    """
+    from trainables.shared import is_remote
+
+    if args.get("optuna_storage"):
+        return str(args["optuna_storage"])
+    if not args.get("storage") or is_remote(args["storage"]):
+        return folder
+    return Path(args["storage"]).expanduser()
+
+
 def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[str, Path], list[str]]:
     """(main figures, importance figure per cell, notes)."""
     from study import plots
@@ -245,10 +262,19 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
               for c in done}
     figures.append(("Learning curves (validation score)", plots.plot_learning_curves(curves, out / "curves.png")))
     importance, notes = {}, []
-    url = study.args.get("optuna_storage")
-    if not url and not (study.folder / "optuna.journal").is_file():
-        return figures, importance, ["no Optuna journal in the study folder: no hyperparameter importances"]
-    storage = optuna_storage(url, study.folder)
+    where = optuna_location(study.folder, study.args)
+    if isinstance(where, Path) and not (where / "optuna.journal").is_file():
+        return figures, importance, [f"no Optuna journal {where / 'optuna.journal'}: no hyperparameter importances"]
+    try:
+        storage = optuna_storage(where if isinstance(where, str) else None, where)
+        if isinstance(storage, str):
+            import optuna
+
+            storage = optuna.storages.get_storage(storage)
+    except Exception as exc:  # an unreachable or wrong RDB URL: the report goes on without importances
+        reason = " ".join(str(exc).split())[:200]
+        return figures, importance, [f"cannot open the Optuna storage (--optuna-storage): {type(exc).__name__}: "
+                                     f"{reason}; no hyperparameter importances"]
     for c in study.cells:
         result = plots.cell_importances(storage, f"{study.plan.get('name')}/{c.id}", MIN_IMPORTANCE_TRIALS)
         if isinstance(result, str):

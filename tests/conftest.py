@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny synthetic PCS cohort generated once per test session."""
+"""Shared fixtures: a tiny synthetic PCS cohort generated once per test session; headless Chromium."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,59 @@ def start_local_ray(**kwargs) -> None:
     if here not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
     ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+
+
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _find_browser() -> str | None:
+    return next((path for path in map(shutil.which, _BROWSERS) if path), None)
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's ``chromium`` with apt-get (as root, else ``sudo -n``); ``None`` or why it could not."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return "apt-get is not available (not a Debian-like system); install Chromium by hand"
+    if os.geteuid() == 0:
+        prefix = []
+    elif shutil.which("sudo") is None:
+        return "not running as root and sudo is not installed; run `apt-get install -y chromium` as root"
+    elif subprocess.run(["sudo", "-n", "true"], capture_output=True, timeout=30).returncode != 0:
+        return "not running as root and `sudo -n` needs a password; run `sudo apt-get install -y chromium`"
+    else:
+        prefix = ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "chromium"]):
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(command)}` did not finish in 900 s"
+        if proc.returncode != 0:
+            last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            return f"`{' '.join(command)}` exited with {proc.returncode}: {last}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a working headless Chromium, installed with apt-get (``chromium``) when missing.
+
+    Skips, saying exactly why, where it is missing and cannot be installed or does not start.
+    """
+    path = _find_browser()
+    if path is None:
+        reason = _install_chromium()
+        path = _find_browser()
+        if path is None:
+            pytest.skip(f"headless Chromium is missing and could not be installed: "
+                        f"{reason or 'apt-get succeeded but no chromium executable is on PATH'}")
+    try:
+        proc = subprocess.run([path, "--headless", "--no-sandbox", "--version"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"Chromium at {path} does not start: {exc}")
+    if proc.returncode != 0 or "chrom" not in proc.stdout.lower():
+        pytest.skip(f"Chromium at {path} does not start: `{path} --version` exited with {proc.returncode}: "
+                    f"{(proc.stderr.strip() or proc.stdout.strip())[-300:]}")
+    return path

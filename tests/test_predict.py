@@ -14,6 +14,8 @@ geometry tests need no model quality: they check shapes, affines and a label's r
 from __future__ import annotations
 
 import csv
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,7 @@ SPACING, SIZE = 4.0, (16, 16, 16)
 SUBJECTS, EPOCHS = 10, 50
 BATCH, LR, LR_HEADS, CLS_WEIGHT = 2, 3e-3, 1e-2, 3.0
 MODEL_NAME = "pcs-test-groove"
+TRIAL_MODEL = Path("study", "models", "none__full__segresnet__1", "model.pt")  # relative to model_dir's parent
 
 
 def _remove_groove(image: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -87,22 +90,39 @@ def cohort(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_dir(cohort, tmp_path_factory) -> Path:
-    """Fine-tune segresnet width 8 on the twin cohort; export it as a self-contained model folder."""
+    """Fine-tune segresnet width 8 on the twin cohort; export it as a self-contained model folder.
+
+    The trial writes its ``model.pt`` where the launcher's trials do, ``<study>/models/<cell>__<seed>/``,
+    under a ``study.json`` holding the plan's geometry (see ``trial_model``).
+    """
     out = tmp_path_factory.mktemp("groove_model")
+    trial = out / TRIAL_MODEL.parent
     spec = FinetuneTrial(
         backbone=BackboneConfig("segresnet", 8), strategy="full", strategy_params={},
         train=TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr_encoder=LR, lr_decoder=LR, lr_heads=LR_HEADS,
                           cls_weight=CLS_WEIGHT, seed=0, device="cpu", num_threads=1),
         data=DataConfig(manifest=str(cohort["manifest"]), spacing_mm=SPACING, input_size=SIZE),
-        output_dir=str(out / "trial"),
+        output_dir=str(trial),
     )
     threads = torch.get_num_threads()
     try:
         run_finetune(spec, lambda metrics, state: None)
     finally:
         torch.set_num_threads(threads)
+    plan = {"name": "groove", "spacing_mm": SPACING, "input_size": list(SIZE),
+            "cells": [{"pretrain": "none", "strategy": "full", "backbone": "segresnet"}]}
+    (out / "study" / "study.json").write_text(json.dumps({"args": {}, "parent_run_id": "", "plan": plan}))
     info = {"cell": "none__full__segresnet", "spacing_mm": SPACING, "input_size": list(SIZE)}
-    return stage_model(out / "trial" / "model.pt", info, out / "exported")
+    return stage_model(trial / "model.pt", info, out / "exported")
+
+
+@pytest.fixture(scope="module")
+def trial_model(model_dir) -> Path:
+    """The trial's own ``model.pt`` in its study folder: no ``model_info.json`` beside it, so the
+    spacing and input size must come from the ``study.json`` above it."""
+    path = model_dir.parent / TRIAL_MODEL
+    assert path.is_file() and not (path.parent / "model_info.json").exists()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +221,7 @@ def test_groove_volume_is_called_present_and_its_filled_twin_lower(model_dir, co
 
 
 @pytest.fixture(scope="module")
-def cli_runs(registry, cohort, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+def cli_runs(registry, trial_model, cohort, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """Every command-line case at once (the subprocesses run side by side): one good, the rest bad input."""
     tmp = tmp_path_factory.mktemp("cli")
     good = str(cohort["subjects"]["s00"]["image"])
@@ -215,6 +235,7 @@ def cli_runs(registry, cohort, tmp_path_factory) -> dict[str, subprocess.Complet
     model = ("--model", f"{MODEL_NAME}@best", "--tracking-uri", registry)
     cases = {
         "registered": (*model, str(tmp / "oblique.nii.gz"), "--output", str(tmp / "seg.nii.gz")),
+        "model path": ("--model", str(trial_model), str(tmp / "oblique.nii.gz"), "--output", str(tmp / "seg_path.nii.gz")),
         "4D image": (*model, str(tmp / "four_d.nii.gz")),
         "2D image": (*model, str(tmp / "two_d.nii.gz")),
         "single slice": (*model, str(tmp / "slice.nii.gz")),
@@ -241,6 +262,19 @@ def test_cli_with_a_registered_model(cli_runs) -> None:
     source, out = nib.load(str(tmp / "oblique.nii.gz")), nib.load(str(tmp / "seg.nii.gz"))
     assert out.shape == source.shape and np.allclose(out.affine, source.affine, atol=1e-5)
     assert out.get_data_dtype() == np.uint8
+
+
+def test_cli_with_a_trial_model_path(cli_runs) -> None:
+    """``--model <study>/models/<trial>/model.pt``: geometry from the study.json, output on the input grid."""
+    proc, tmp = cli_runs["model path"], cli_runs["folder"]
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"PCS presence probability: left ([0-9.]+), right ([0-9.]+)", proc.stdout)
+    assert found, proc.stdout
+    assert all(0.0 <= float(p) <= 1.0 for p in found.groups())
+    source, out = nib.load(str(tmp / "oblique.nii.gz")), nib.load(str(tmp / "seg_path.nii.gz"))
+    assert out.shape == source.shape and np.allclose(out.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
+    assert f"segmentation: {tmp / 'seg_path.nii.gz'}" in proc.stdout
 
 
 @pytest.mark.parametrize("case, words", [

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from study.grid_file import load_grid_file
@@ -24,7 +24,7 @@ from study.launch import build_parser, run_study
 from study.model_registry import load_model_folder, registered_name
 from study.plots import cell_importances, pareto_front
 from study.predict import predict_image
-from study.report import COLUMNS, write_report
+from study.report import COLUMNS, optuna_location, write_report
 from study.searcher import optuna_storage
 
 pytestmark = pytest.mark.slow
@@ -148,6 +148,50 @@ def test_best_configs_load_back_with_the_same_cells_and_params(study) -> None:
         assert {k: str(v) for k, v in cell.params["strategy_params"].items()} == strategy
 
 
+def _rerun_cells(cells: list[dict]) -> list[dict]:
+    """Two cells of ``best_configs.yaml``: one without and one with pre-training where there are both."""
+    scratch = [c for c in cells if c["pretrain"] == "none"][:1]
+    pretrained = [c for c in cells if c["pretrain"] != "none"][:1]
+    return (scratch + pretrained) if scratch and pretrained else cells[:2]
+
+
+def test_best_configs_rerun_through_the_launcher_with_the_same_hyperparameters(study, tiny_cohort) -> None:
+    """``--grid best_configs.yaml`` (trimmed to 2 cells) runs the same cells with the best trials' values fixed."""
+    root = study["report"].parent.parent  # beside the first study: the pre-training cache is shared
+    grid = yaml.safe_load((study["report"] / "best_configs.yaml").read_text())
+    grid["cells"] = _rerun_cells(grid["cells"])
+    trimmed = root / "best_configs_2_cells.yaml"
+    trimmed.write_text(yaml.safe_dump(grid, sort_keys=False))
+    out = root / "rerun"
+    cwd = os.getcwd()
+    os.chdir(root)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_study(build_parser().parse_args(["--grid", str(trimmed), "--num-samples", "1", "--seeds", "0",
+                                             "--cohort", str(tiny_cohort), "--output", str(out)]))
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    runs = [r for r in client.search_runs([client.get_run(parent).info.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+            if r.data.tags.get("stage") == "finetune"]
+    expected = {f"{c['pretrain']}__{c['strategy']}__{c['backbone']}" for c in grid["cells"]}
+    assert len(expected) == 2 and sorted(r.data.tags["cell"] for r in runs) == sorted(expected)
+    best = _expected_best(study["runs"])
+
+    def fixed(run) -> dict[str, str]:  # what the grid file fixes: training and strategy hyperparameters
+        return {k: v for k, v in run.data.params.items()
+                if (k.startswith("train.") and k != "train.seed") or k.startswith("strategy_params.")}
+
+    for run in runs:
+        assert run.data.tags.get("outcome") != "failed", run.data.tags.get("failure_reason")
+        want = fixed(best[run.data.tags["cell"]])
+        assert "train.lr_encoder" in want and fixed(run) == want, run.data.tags["cell"]
+
+
 def test_registry_holds_the_best_model_of_every_cell(study, tiny_cohort) -> None:
     client, best = study["client"], _expected_best(study["runs"])
     experiment = client.get_experiment(best[next(iter(best))].info.experiment_id).name
@@ -172,39 +216,32 @@ def test_report_is_logged_to_the_parent_run(study) -> None:
     assert {"report.html", "report.md", "report.json", "best_configs.yaml", "plots"} <= listed
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium; `make test` as root installs it)")
-    return exe
-
-
-def _browser(*args: str, profile: Path) -> subprocess.CompletedProcess:
+def _browser(exe: str, *args: str, profile: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}"]
-    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_html_renders_tables_and_every_image_in_chromium(study, tmp_path) -> None:
+def test_html_renders_tables_and_every_image_in_chromium(study, chromium, tmp_path) -> None:
     page = study["report"] / "report.html"
     html = page.read_text()
     assert "src=\"data:image/png;base64," in html and "plots/" not in html.split("<pre>")[0]  # self-contained
-    proc = _browser("--virtual-time-budget=10000", "--dump-dom", page.as_uri(), profile=tmp_path / "profile")
+    proc = _browser(chromium, "--virtual-time-budget=10000", "--dump-dom", page.as_uri(), profile=tmp_path / "profile")
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     assert 'data-images="loaded"' in dom, dom[:500]
     assert f'data-image-count="{html.count("<img ")}"' in dom
     assert dom.count("<table") >= 2 and "none__full__segresnet" in dom
     shot = tmp_path / "shot.png"
-    _browser("--window-size=1200,1600", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile2")
+    _browser(chromium, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile2")
     pixels = matplotlib.image.imread(shot)
     assert float(pixels.std()) > 0.05  # not a blank page
 
 
 # -- a hand-written study in a real MLflow SQLite store: seeds, failures, bad input ---------------
-def _hand_study(folder: Path, runs: list[dict]) -> Path:
-    """study.json + mlflow.db with a parent run and the given child runs (tags, params, metrics)."""
+def _hand_study(folder: Path, runs: list[dict], args: dict | None = None) -> Path:
+    """study.json (with the launcher's ``args``) + mlflow.db with a parent run and the given child runs."""
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -222,7 +259,7 @@ def _hand_study(folder: Path, runs: list[dict]) -> Path:
     cells = [{"pretrain": "none", "strategy": s, "backbone": "segresnet"} for s in ("full", "top")]
     plan = {"name": "hand", "cells": cells, "num_samples": 3, "finetune_epochs": 2, "spacing_mm": 4.0,
             "input_size": [16, 16, 16], "width": 8, "seeds": 2}
-    (folder / "study.json").write_text(json.dumps({"args": {}, "parent_run_id": parent, "plan": plan}))
+    (folder / "study.json").write_text(json.dumps({"args": args or {}, "parent_run_id": parent, "plan": plan}))
     return folder
 
 
@@ -301,6 +338,56 @@ def test_importances_handle_conditional_parameters_and_few_trials(tmp_path) -> N
     assert isinstance(importances, dict) and {"lr", "kind"} <= set(importances)
     assert "fewer than the 20 needed" in cell_importances(storage, "p/cell", min_trials=20)
     assert "no Optuna study" in cell_importances(storage, "p/other", min_trials=3)
+
+
+def _searched_optuna_study(storage: object, name: str) -> None:
+    """A finished Optuna study of 6 trials over two hyperparameters, as the searcher would leave it."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: -math.log10(t.suggest_float("lr", 1e-4, 1e-1, log=True)) + t.suggest_int("rank", 1, 8),
+                   n_trials=6)
+
+
+@pytest.mark.parametrize("where", ["--storage", "--optuna-storage URL"])
+def test_importances_come_from_where_the_launcher_kept_the_optuna_studies(tmp_path, where) -> None:
+    """The journal in the shared ``--storage`` folder (not the output folder), or the ``--optuna-storage`` RDB."""
+    folder = tmp_path / "out"
+    if where == "--storage":
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        storage, args = optuna_storage(None, shared), {"output": str(folder), "storage": str(shared)}
+    else:
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        args = {"output": str(folder), "optuna_storage": storage}
+    full = "none__full__segresnet"
+    _searched_optuna_study(storage, f"hand/{full}")
+    _hand_study(folder, [_run(full, "search", "completed", 0.6, 0.7)], args=args)
+    report = write_report(folder, register=False, log_to_mlflow=False)
+    notes = json.loads((report / "report.json").read_text())["importance_notes"]
+    assert (report / "plots" / f"importance_{full}.png").read_bytes()[:8] == PNG, notes
+    assert notes == ["none__top__segresnet: no Optuna study (fixed parameters, or no trial was suggested)"]
+    assert not (folder / "optuna.journal").exists()
+
+
+def test_optuna_location(tmp_path) -> None:
+    folder = tmp_path / "runs" / "x"
+    assert optuna_location(folder, {"output": "runs/x", "storage": str(tmp_path / "s")}) == tmp_path / "s"
+    assert optuna_location(folder, {"output": "runs/x", "storage": None}) == folder
+    assert optuna_location(folder, {"output": "runs/x", "storage": "s3://bucket/study"}) == folder  # journal stays local
+    assert optuna_location(folder, {"storage": "/a", "optuna_storage": "sqlite:///o.db"}) == "sqlite:///o.db"
+
+
+def test_launcher_saves_shared_paths_absolute(tmp_path, monkeypatch) -> None:
+    """A relative --storage is saved as an absolute path, so --resume and the report find it from anywhere."""
+    from study.launch import build_parser, saved_args
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--grid", "smoke", "--storage", "shared", "--pretrain-cache", "s3://b/c",
+                                      "--resume", "x"])
+    saved = saved_args(args)
+    assert saved["storage"] == str(tmp_path.resolve() / "shared") and saved["pretrain_cache"] == "s3://b/c"
+    assert "resume" not in saved and saved["grid"] == "smoke"
+    assert optuna_location(tmp_path / "elsewhere", saved) == tmp_path.resolve() / "shared"
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
