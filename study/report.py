@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainables import shared
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 
@@ -206,9 +207,13 @@ def register_models(study: Study) -> list[str]:
         if cell.best is None:
             continue
         params = cell.best.data.params
-        model = Path(params.get("output_dir", "")) / "model.pt"
-        if not model.is_file():
-            notes.append(f"{cell.id}: model file {model} not found; not registered")
+        location = shared.join(params.get("output_dir", ""), "model.pt")
+        try:
+            model = shared.fetch(location)  # a local copy when the study's storage is an object store
+        except StudyInputError:
+            model = None
+        if model is None or not model.is_file():
+            notes.append(f"{cell.id}: model file {location} not found; not registered")
             continue
         name = registered_name(study.experiment, cell.id)
         info = {"cell": cell.id, "pretrain": cell.pretrain, "strategy": cell.strategy, "backbone": cell.backbone,
@@ -230,11 +235,9 @@ def optuna_location(folder: Path, args: dict) -> str | Path:
     the folder's absolute path in ``study.json``), else the study folder (also with an object-store
     ``--storage``, which holds no journal).
     """
-    from trainables.shared import is_remote
-
     if args.get("optuna_storage"):
         return str(args["optuna_storage"])
-    if not args.get("storage") or is_remote(args["storage"]):
+    if not args.get("storage") or shared.is_remote(args["storage"]):
         return folder
     return Path(args["storage"]).expanduser()
 

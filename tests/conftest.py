@@ -106,3 +106,43 @@ def chromium() -> str:
         pytest.skip(f"Chromium at {path} does not start: `{path} --version` exited with {proc.returncode}: "
                     f"{(proc.stderr.strip() or proc.stdout.strip())[-300:]}")
     return path
+
+
+S3_BUCKET = "studies"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A local S3 API server (moto) with the bucket ``studies``; returns a boto3 client.
+
+    ``AWS_*`` variables point every process started afterwards (Ray workers too) at it, exactly as at
+    AWS or MinIO; ``STUDY_NODE_CACHE`` keeps downloaded copies in a temporary folder.
+    """
+    import logging
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency: pip install -e '.[dev]'")
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "STUDY_NODE_CACHE": str(tmp_path_factory.mktemp("node_cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield client
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def s3_keys(client, prefix: str) -> list[str]:
+    """Every object key under ``prefix`` in the test bucket."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]

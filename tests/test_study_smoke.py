@@ -1,17 +1,20 @@
-"""A smoke study end to end with the real engines: local Ray, Optuna journal, MLflow SQLite, NIfTI cohort."""
+"""A smoke study end to end with the real engines: local Ray, Optuna journal, MLflow SQLite, NIfTI cohort,
+and its shared state (Tune's, the cohort, checkpoints, models) in an object store: ``--storage s3://...``
+against a local S3 API server (the ``s3`` fixture). Studies with a shared folder (the default) run in
+test_report, test_resume, test_faults and test_cluster."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import ray
 import torch
+from conftest import S3_BUCKET, s3_keys
 
 from study.launch import build_parser, run_study
 from study.tracking import FINAL_METRICS
+from trainables import shared
 from trainables.backbones import BackboneConfig, build_backbone, state_fingerprint
 from trainables.finetune.storage import load_finetuned
 from trainables.pretrain.loop import load_checkpoint
@@ -19,12 +22,15 @@ from trainables.pretrain.loop import load_checkpoint
 pytestmark = pytest.mark.slow
 
 
+STORAGE = f"s3://{S3_BUCKET}/smoke"
+
+
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
+def smoke_study(tmp_path_factory, s3):
     out = tmp_path_factory.mktemp("study") / "smoke"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # after s3: workers inherit AWS_*
     try:
-        args = build_parser().parse_args(["--grid", "smoke", "--output", str(out)])
+        args = build_parser().parse_args(["--grid", "smoke", "--output", str(out), "--storage", STORAGE])
         outcome = run_study(args)
     finally:
         ray.shutdown()
@@ -82,17 +88,19 @@ def test_finetuning_started_from_the_pretraining_checkpoint(smoke_study) -> None
         if trial.config["cell"]["pretrain"] == "none":
             assert ckpt is None and started == fresh
         else:
-            assert started == state_fingerprint(load_checkpoint(ckpt)) != fresh  # the checkpoint, not a fresh init
+            body = load_checkpoint(shared.fetch(ckpt))
+            assert started == state_fingerprint(body) != fresh  # the checkpoint, not a fresh init
         checked.add((trial.config["cell"]["pretrain"], trial.config["strategy"]))
     assert {("reconstruction", s) for s in ("full", "top", "lora")} <= checked
 
 
 def test_frozen_weights_are_the_checkpoints(smoke_study) -> None:
     (trial,) = _finetune_results(smoke_study, "top")
-    body = load_checkpoint(trial.config["pretrain_checkpoint"])
-    model = load_finetuned(trial.metrics["model_path"], body_state=body)
+    body = load_checkpoint(shared.fetch(trial.config["pretrain_checkpoint"]))
+    model_file = shared.fetch(trial.metrics["model_path"])
+    model = load_finetuned(model_file, body_state=body)
     state = model.state_dict()
-    trained = set(torch.load(trial.metrics["model_path"], weights_only=False)["trained"])
+    trained = set(torch.load(model_file, weights_only=False)["trained"])
     frozen = [k for k in body if k not in trained]
     assert frozen, "top must freeze some blocks"
     for k in frozen:  # frozen weights are exactly the checkpoint's
@@ -101,13 +109,13 @@ def test_frozen_weights_are_the_checkpoints(smoke_study) -> None:
 
 def test_top_and_lora_trained_only_what_they_should(smoke_study) -> None:
     (top,) = _finetune_results(smoke_study, "top")
-    trained = set(torch.load(top.metrics["model_path"], weights_only=False)["trained"])
+    trained = set(torch.load(shared.fetch(top.metrics["model_path"]), weights_only=False)["trained"])
     k = top.config["strategy_params"]["trainable_blocks"]
     model = build_backbone(BackboneConfig(**top.config["backbone"]))
     allowed = tuple(name + "." for name, _ in model.blocks()[-k:]) + ("seg_head.", "cls_head.")
     assert trained and all(n.startswith(allowed) for n in trained), sorted(trained)[:5]
     (lora,) = _finetune_results(smoke_study, "lora")
-    trained = set(torch.load(lora.metrics["model_path"], weights_only=False)["trained"])
+    trained = set(torch.load(shared.fetch(lora.metrics["model_path"]), weights_only=False)["trained"])
     assert any("lora_" in n for n in trained)
     assert all("lora_" in n or n.startswith(("seg_head.", "cls_head.")) for n in trained), sorted(trained)[:5]
     assert lora.metrics["trainable_fraction"] < 0.5
@@ -120,15 +128,31 @@ def test_study_folder_holds_journal_and_mlflow(smoke_study) -> None:
     assert saved["parent_run_id"] == smoke_study.tracker.parent_run_id
 
 
-def test_cli_rejects_unknown_strategy_without_traceback(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "study.launch", "--grid", "smoke", "--strategies", "full,bogus",
-         "--output", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "unknown fine-tuning strategy 'bogus'" in proc.stderr and "valid fine-tuning strategies" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_shared_state_went_to_the_object_store(smoke_study, s3) -> None:
+    """Tune's state, the cohort (without its local cache), the pre-training checkpoint and every model."""
+    prefix = STORAGE.split("/", 3)[3] + "/"
+    keys = s3_keys(s3, prefix)
+    cohort = [k for k in keys if k.startswith(f"{prefix}cohort/")]
+    assert any(k.endswith("/manifest.csv") for k in cohort) and any("/images/" in k for k in cohort)
+    assert not any("/.cache/" in k for k in cohort)
+    bodies = [k for k in keys if k.startswith(f"{prefix}pretrain_cache/") and k.endswith("/body.pt")]
+    assert len(bodies) == 1 and bodies[0].replace("body.pt", "meta.json") in keys
+    models = {k.split("/")[2].rsplit("__", 1)[0] for k in keys if k.startswith(f"{prefix}models/")}
+    assert models == {c.id for c in smoke_study.plan.cells}
+    assert any(k.startswith(f"{prefix}tune/study/") for k in keys)  # Tune's own state went there too
+    out = smoke_study.output
+    assert not (out / "tune").exists() and not (out / "models").exists()  # nothing of it on the driver
+    for trial in smoke_study.results:
+        if trial.config["stage"] == "finetune":
+            assert trial.config["data"]["manifest"].startswith(f"{STORAGE}/cohort/")
+            assert trial.metrics["model_path"].startswith(f"{STORAGE}/models/")
+            if trial.config["cell"]["pretrain"] != "none":
+                assert trial.config["pretrain_checkpoint"] == f"s3://{S3_BUCKET}/{bodies[0]}"
+    # the report registered the best model of each cell from the store's files
+    assert (out / "report" / "report.html").is_file()
+    client = smoke_study.tracker.client
+    assert {m.name for m in client.search_registered_models()} and all(
+        "best" in m.aliases for m in client.search_registered_models())
 
 
 def test_default_output_is_runs_study_name(tmp_path, monkeypatch, capsys) -> None:
