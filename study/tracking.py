@@ -169,9 +169,10 @@ class MLflowTrialCallback(Callback):
         self._thread: threading.Thread | None = None
         self._wake, self._closing, self._down = threading.Event(), False, False
 
+    _WRITER = ("_pending", "_client", "_thread", "_wake", "_closing", "_down")  # made anew by _init_writer
+
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment: no thread, queue or client
-        keep = ("tracker", "study_tags", "runs", "logged", "final_flush_s", "retry_s")
-        return {k: self.__dict__[k] for k in keep}
+        return {k: v for k, v in self.__dict__.items() if k not in self._WRITER}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -73,6 +73,10 @@ def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
     runs = _child_runs(out)
     ids = [r.data.tags["trial_id"] for r in runs]
     assert len(ids) == len(set(ids)) == TRIALS  # exactly one run per trial
+    for run in runs:  # runs created before and after the resume carry the same params
+        assert "code_version" in run.data.params and "backbone.name" in run.data.params, run.info.run_name
+        if run.data.tags["stage"] == "finetune":
+            assert "train.seed" in run.data.params and "output_dir" in run.data.params, run.info.run_name
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     for trial_id, run in before.items():  # finished before the interrupt: not run again
         if run.data.tags["stage"] == "finetune" and run.data.tags.get("outcome") == "completed":
