@@ -123,9 +123,7 @@ class StudyPlan:
         method_params = {k: v for k, v in params.items() if k not in OPTIMISER_SETTINGS}
         try:
             method_config(method, method_params)
-        except StudyInputError as exc:
-            raise StudyInputError(f"pretrain_params.{method}: {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (StudyInputError, TypeError, ValueError) as exc:
             raise StudyInputError(f"pretrain_params.{method}: {exc}") from None
         return {**settings, "method_params": method_params}
 

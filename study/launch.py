@@ -157,8 +157,8 @@ def saved_args(args: argparse.Namespace) -> dict:
     (a relative ``--storage`` must mean the same folder when the study is resumed from elsewhere)."""
     saved = {k: v for k, v in vars(args).items() if k != "resume"}
     for key in ("storage", "pretrain_cache", "cohort"):
-        if saved.get(key) and not shared_storage.is_remote(saved[key]):
-            saved[key] = str(Path(saved[key]).expanduser().resolve())
+        if saved.get(key):
+            saved[key] = shared_storage.absolute(saved[key])
     return saved
 
 
@@ -249,7 +249,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     setup_logging(output)
     # What every node must see: a mounted folder, or an object-store URI (trainables/shared.py).
     remote = shared_storage.is_remote(args.storage)
-    shared = args.storage.rstrip("/") if remote else str(Path(args.storage).resolve() if args.storage else output)
+    shared = shared_storage.absolute(args.storage or output)
     if not remote:
         Path(shared).mkdir(parents=True, exist_ok=True)
     data, data_id = prepare_data(plan, output if remote else Path(shared), args.cohort)
@@ -292,13 +292,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
     # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
     if args.pretrain_cache:
-        pretrain_cache = args.pretrain_cache if shared_storage.is_remote(args.pretrain_cache) else \
-            str(Path(args.pretrain_cache).resolve())
+        pretrain_cache = shared_storage.absolute(args.pretrain_cache)
     else:
         pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
             str(Path(shared).parent / "pretrain_cache")
     factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
-                           pretrain_cache=str(pretrain_cache), checkpoint_every_s=args.checkpoint_every_s)
+                           pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s)
     shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
     if shares:
         log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))

@@ -51,23 +51,12 @@ def stage_model(model_path: str | Path, info: dict, folder: str | Path) -> Path:
     shutil.copyfile(model_path, folder / "model.pt")
     ref = pretrain_ref(model_path)
     info = {**info, "pretrain_ref": ref, "body_included": False}
-    body = _local_body(ref)
+    body = shared.find(ref)
     if body is not None and body.stat().st_size <= MAX_BODY_BYTES:
         shutil.copyfile(body, folder / "body.pt")
         info["body_included"] = True
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return folder
-
-
-def _local_body(ref: str | None) -> Path | None:
-    """A local copy of the pre-training checkpoint ``ref`` (a path or an object-store URI), if it exists."""
-    if not ref:
-        return None
-    try:
-        body = shared.fetch(ref)
-    except StudyInputError:  # not in the object store (any more)
-        return None
-    return body if body.is_file() else None
 
 
 def register_best(client: MlflowClient, name: str, run_id: str, model_path: str | Path, info: dict,
@@ -152,7 +141,7 @@ def load_model_folder(path: str | Path) -> tuple[torch.nn.Module, dict]:
     body = None
     if ref is not None:
         local = model_file.parent / "body.pt"
-        source = local if local.is_file() else _local_body(ref)
+        source = local if local.is_file() else shared.find(ref)
         if source is None:
             raise StudyInputError(f"{model_file} needs its pre-training checkpoint {ref}, which does not exist")
         body = load_checkpoint(source)

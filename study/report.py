@@ -208,11 +208,8 @@ def register_models(study: Study) -> list[str]:
             continue
         params = cell.best.data.params
         location = shared.join(params.get("output_dir", ""), "model.pt")
-        try:
-            model = shared.fetch(location)  # a local copy when the study's storage is an object store
-        except StudyInputError:
-            model = None
-        if model is None or not model.is_file():
+        model = shared.find(location)  # a local copy when the study's storage is an object store
+        if model is None:
             notes.append(f"{cell.id}: model file {location} not found; not registered")
             continue
         name = registered_name(study.experiment, cell.id)
@@ -244,6 +241,8 @@ def optuna_location(folder: Path, args: dict) -> str | Path:
 
 def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[str, Path], list[str]]:
     """(main figures, importance figure per cell, notes)."""
+    import optuna
+
     from study import plots
     from study.searcher import optuna_storage
 
@@ -269,11 +268,7 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
     if isinstance(where, Path) and not (where / "optuna.journal").is_file():
         return figures, importance, [f"no Optuna journal {where / 'optuna.journal'}: no hyperparameter importances"]
     try:
-        storage = optuna_storage(where if isinstance(where, str) else None, where)
-        if isinstance(storage, str):
-            import optuna
-
-            storage = optuna.storages.get_storage(storage)
+        storage = optuna.storages.get_storage(where) if isinstance(where, str) else optuna_storage(None, where)
     except Exception as exc:  # an unreachable or wrong RDB URL: the report goes on without importances
         reason = " ".join(str(exc).split())[:200]
         return figures, importance, [f"cannot open the Optuna storage (--optuna-storage): {type(exc).__name__}: "

@@ -30,6 +30,12 @@ def is_remote(location: str | os.PathLike | None) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A URI as it is; a path made absolute (so it names the same folder from any working directory)."""
+    text = os.fspath(location)
+    return text.rstrip("/") if is_remote(text) else str(Path(text).expanduser().resolve())
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """``location/part/...`` for a URI or a path."""
     if is_remote(location):
@@ -114,6 +120,17 @@ def fetch(location: str | os.PathLike) -> Path:
         return Path(location)
     uri = os.fspath(location)
     return get_file(uri, local_mirror(uri) / uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def find(location: str | os.PathLike | None) -> Path | None:
+    """Like :func:`fetch`, but ``None`` when nothing is at ``location`` (a local path may be a folder)."""
+    if not location:
+        return None
+    try:
+        path = fetch(location)
+    except StudyInputError:  # not in the object store
+        return None
+    return path if path.exists() else None
 
 
 def fetch_tree(location: str) -> Path:

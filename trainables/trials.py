@@ -6,7 +6,6 @@ these specs and passes ``ray.tune.report``; a benchmark or a test passes a plain
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -147,8 +146,8 @@ def initial_model(spec: FinetuneTrial) -> torch.nn.Module:
     torch.manual_seed(spec.train.seed)
     model = build_backbone(spec.backbone)
     if spec.pretrain_checkpoint:
-        local = shared.fetch(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
-        if not os.path.exists(local):
+        local = shared.find(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
+        if local is None:
             raise StudyInputError(f"pre-training checkpoint {spec.pretrain_checkpoint} does not exist")
         model.load_body(load_checkpoint(local))
     return model
