@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from trainables.backbones import BACKBONES
 from trainables.errors import StudyInputError
@@ -198,6 +199,9 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
     field overrides."""
     if budget is not None and budget not in BUDGETS:
         raise StudyInputError(f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGETS)}")
+    if Path(grid).is_dir():
+        raise StudyInputError(f"--grid {grid} is a folder, not a file; give a grid FILE.yaml (such as a report's "
+                              f"best_configs.yaml) or a preset: {', '.join(GRIDS)}")
     if grid.endswith((".yaml", ".yml")):
         from study.grid_file import load_grid_file
 

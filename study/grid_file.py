@@ -37,6 +37,8 @@ _TRAIN_SEARCHED = {"lr_encoder", "lr_decoder", "lr_heads", "weight_decay", "seg_
 
 
 def _load_yaml(path: Path) -> object:
+    if path.is_dir():
+        raise StudyInputError(f"grid file {path} is a folder, not a file; give the path of a grid FILE.yaml")
     try:
         text = path.read_text()
     except OSError as exc:

@@ -204,7 +204,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     from ray import tune
 
     from study.checks import check_mlflow_uri, check_numbers, check_ray_address
-    from study.progress import ProgressCallback, log, setup_logging
+    from study.progress import ProgressCallback, log, ray_console_to_log, setup_logging
     from study.resources import measure_shares, trial_resources
     from study.searcher import StudySearcher
     from study.summary import print_summary
@@ -221,6 +221,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         output = (Path("runs") / name).resolve()
     study_file = output / STUDY_FILE
     if resume:
+        if output.is_file():
+            raise StudyInputError(f"--resume {output} is a file, not a folder; give the study folder (the "
+                                  f"--output of the study, which holds {STUDY_FILE})")
         if not study_file.exists():
             raise StudyInputError(f"--resume {output}: no {STUDY_FILE} there; is it a study folder?")
         saved = json.loads(study_file.read_text())
@@ -269,67 +272,70 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                               "seed": plan.seed, "code_version": version,
                               "finetune_epochs": plan.finetune_epochs, "pretrain_epochs": plan.pretrain_epochs})
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if args.address:
-        try:
-            ray.init(address=args.address, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as exc:
-            hint = ""
-            if args.address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-                hint = ("; if the cluster uses token authentication (on wherever ~/.ray/auth_token exists), "
-                        "set RAY_AUTH_MODE=token and provide the token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
-            raise StudyInputError(f"cannot join the Ray cluster at {args.address!r}: "
-                                  f"{str(exc).splitlines()[0]}{hint}") from None
-    elif not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # Ray's and Tune's own console output goes to study.log; the terminal shows the study's live table.
+    with ray_console_to_log(output / "study.log"):
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        if args.address:
+            try:
+                ray.init(address=args.address, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as exc:
+                hint = ""
+                if args.address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                    hint = ("; if the cluster uses token authentication (on wherever ~/.ray/auth_token exists), "
+                            "set RAY_AUTH_MODE=token and provide the token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+                raise StudyInputError(f"cannot join the Ray cluster at {args.address!r}: "
+                                      f"{str(exc).splitlines()[0]}{hint}") from None
+        elif not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
-    # Tune keeps only one trial pending for a custom searcher by default, which serialises trial start-up
-    # (a new worker imports torch and MONAI for seconds): keep one pending trial per slot instead.
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(args.cpus_per_trial, 1e-3)))
-    if args.max_concurrent:
-        slots = min(slots, args.max_concurrent)
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
-    # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
-    # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
-    if args.pretrain_cache:
-        pretrain_cache = shared_storage.absolute(args.pretrain_cache)
-    else:
-        pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
-            str(Path(shared).parent / "pretrain_cache")
-    factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
-                           pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s)
-    shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
-    if shares:
-        log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
-    trainable = tune.with_resources(
-        study_trainable,
-        trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, custom_resources),
-    )
-    storage = shared_storage.join(shared, "tune")
-    if resume and tune.Tuner.can_restore(shared_storage.join(storage, "study")):
-        tuner = tune.Tuner.restore(shared_storage.join(storage, "study"), trainable, resume_unfinished=True)
-    else:
-        # Only this driver process writes the Optuna studies: with an object store they stay in the output folder.
-        searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
-                                 study_name=plan.name, storage_url=args.optuna_storage)
-        # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
-        # trials report no selection score, and Tune's strict metric check would reject them.
-        scheduler = make_scheduler(plan, args.early_stopping)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True,
-                                        max_concurrent_trials=args.max_concurrent or None),
-            run_config=tune.RunConfig(
-                name="study",
-                storage_path=storage,
-                callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}, study_params={"code_version": version}),
-                           ProgressCallback(plan.total_trials(), [c.id for c in plan.cells])],
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=0,
-            ),
+        # Tune keeps only one trial pending for a custom searcher by default, which serialises trial start-up
+        # (a new worker imports torch and MONAI for seconds): keep one pending trial per slot instead.
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(args.cpus_per_trial, 1e-3)))
+        if args.max_concurrent:
+            slots = min(slots, args.max_concurrent)
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
+        # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
+        # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
+        if args.pretrain_cache:
+            pretrain_cache = shared_storage.absolute(args.pretrain_cache)
+        else:
+            pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
+                str(Path(shared).parent / "pretrain_cache")
+        factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
+                               pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s)
+        shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
+        if shares:
+            log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
+        trainable = tune.with_resources(
+            study_trainable,
+            trial_resources(args.cpus_per_trial, args.gpus_per_trial, shares, custom_resources),
         )
-    results = tuner.fit()
+        storage = shared_storage.join(shared, "tune")
+        if resume and tune.Tuner.can_restore(shared_storage.join(storage, "study")):
+            tuner = tune.Tuner.restore(shared_storage.join(storage, "study"), trainable, resume_unfinished=True)
+        else:
+            # Only this driver process writes the Optuna studies: with an object store they stay in the output folder.
+            searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
+                                     study_name=plan.name, storage_url=args.optuna_storage)
+            # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
+            # trials report no selection score, and Tune's strict metric check would reject them.
+            scheduler = make_scheduler(plan, args.early_stopping)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True,
+                                            max_concurrent_trials=args.max_concurrent or None),
+                run_config=tune.RunConfig(
+                    name="study",
+                    storage_path=storage,
+                    callbacks=[MLflowTrialCallback(tracker, {"study": plan.name}, study_params={"code_version": version}),
+                               ProgressCallback({c.id: plan.samples(c) + plan.seeds for c in plan.cells},
+                                                len(plan.pretrain_jobs()))],
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
     unfinished = len(results) - results.num_terminated - results.num_errors
     if unfinished or len(results) < _expected_trials(plan, results):
         log.info(f"study interrupted with {unfinished} trial(s) unfinished; its state is saved. "

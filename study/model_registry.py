@@ -130,6 +130,9 @@ def load_model_folder(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
     path = Path(path)
     model_file = path / "model.pt" if path.is_dir() else path
+    if path.is_dir() and not model_file.is_file():
+        raise StudyInputError(f"model {path} is a folder without a model.pt in it; give a trial's model.pt (or its "
+                              "folder) or a registered model name")
     if not model_file.is_file():
         raise StudyInputError(f"no fine-tuned model at {model_file}; give a model.pt or a registered model name")
     info_file = model_file.parent / INFO_FILE

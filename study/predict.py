@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.errors import StudyInputError
+from trainables.errors import StudyInputError, not_a_file
 
 
 @dataclass
@@ -77,7 +77,7 @@ def check_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from trainables.data import SubjectRecord, _load_checked
 
     if not path.is_file():
-        raise StudyInputError(f"image {path} does not exist; give a 3D NIfTI (.nii or .nii.gz) T1 image")
+        raise StudyInputError(f"image {path} {not_a_file(path)}; give a 3D NIfTI (.nii or .nii.gz) T1 image")
     try:
         image, affine, _ = _load_checked(SubjectRecord("input", path, None, None, None, "test"))
     except StudyInputError as exc:

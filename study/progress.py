@@ -1,12 +1,19 @@
 """Study progress: a live terminal display (rich) when stdout is a terminal, plain log lines otherwise
-(CI, files), and always a log file in the output folder."""
+(CI, files), and always a log file in the output folder.
+
+Ray's and Ray Tune's own console output (start-up messages, Tune's configuration box and TensorBoard
+hint, warnings) is not the study's: :func:`ray_console_to_log` sends it to ``study.log`` while the
+study's own lines and its live table keep the terminal.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 import time
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from ray.tune import Callback
@@ -16,20 +23,35 @@ from rich.table import Table
 
 log = logging.getLogger("study")
 
+# Where the study's own lines go while Ray's console output is redirected: the terminal's stream and, while
+# the live table is drawn, its console (which prints a line above the table instead of through it).
+_screen: dict[str, object] = {"stream": None, "console": None}
+
 
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is now (it may be replaced after set-up, e.g. by a test)."""
+    """Writes to the study's screen: the live display's console, the terminal saved by
+    :func:`ray_console_to_log`, or whatever ``sys.stdout`` is now (a test may replace it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
 
     @property
     def stream(self):
-        return sys.stdout
+        return _screen["stream"] or sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console = _screen["console"]
+        if console is None:
+            super().emit(record)
+            return
+        try:
+            console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 def setup_logging(output: Path) -> Path:
@@ -48,19 +70,61 @@ def setup_logging(output: Path) -> Path:
     return path
 
 
-class ProgressCallback(Callback):
-    """Cells done / running / pending, trials finished / stopped / failed, best score, ETA."""
+@contextlib.contextmanager
+def ray_console_to_log(path: Path) -> Iterator[None]:
+    """Everything printed to ``sys.stdout``/``sys.stderr`` inside (Ray's loggers, Tune's ``print``s, Python
+    warnings) is appended to ``path``; the study's logger and live table keep writing to the terminal."""
+    terminal = _screen["stream"]
+    _screen["stream"] = terminal or sys.stdout
+    # Ray's "ray" logger holds the stderr of the moment it was set up, not whatever sys.stderr is now.
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:]
+    with open(path, "a", buffering=1, errors="replace") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.handlers = [handler]
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            ray_logger.handlers = saved
+            _screen["stream"] = terminal
 
-    def __init__(self, total_trials: int, cells: list[str], live: bool | None = None) -> None:
-        self.total = total_trials
-        self.cells = list(cells)
-        self.cell_trials: dict[str, int] = defaultdict(int)  # ended trials per cell
-        self.cell_running: dict[str, int] = defaultdict(int)
+
+def duration(seconds: float) -> str:
+    """``"42s"``, ``"3m 05s"``, ``"1h 02m"``; an unknown duration is ``"–"``."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+class ProgressCallback(Callback):
+    """Pre-training jobs and cells done / in progress / waiting, trials by outcome, best score, ETA.
+
+    Args:
+        cell_trials: fine-tuning cell id -> the trials it will run (search trials + seed re-runs).
+        pretrain_jobs: the pre-training jobs of the study (they are not cells).
+        live: draw a live table (default: when stdout is a terminal); otherwise one log line per trial.
+    """
+
+    def __init__(self, cell_trials: dict[str, int], pretrain_jobs: int, live: bool | None = None) -> None:
+        self.cell_trials = dict(cell_trials)
+        self.pretrain_jobs = pretrain_jobs
+        self.total = pretrain_jobs + sum(self.cell_trials.values())
+        self.ended_per_cell: dict[str, int] = {}
+        self.pretrain_ended = 0
+        self.running: dict[str, str] = {}  # trial id -> cell id (a pre-training job's id is not a cell)
         self.counts = {"finished": 0, "stopped": 0, "failed": 0}
         self.best = float("-inf")
         self.best_cell = ""
         self.start = time.time()
-        self.live_enabled = sys.stdout.isatty() if live is None else live
+        screen = _screen["stream"] or sys.stdout
+        self.live_enabled = screen.isatty() if live is None else live
         self._live: Live | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks; the live display is rebuilt after a restore
@@ -71,32 +135,45 @@ class ProgressCallback(Callback):
         return sum(self.counts.values())
 
     def eta_s(self) -> float:
+        """Seconds left at the rate trials have ended so far; NaN before the first one ends."""
         done = self.ended()
-        return (time.time() - self.start) / done * (self.total - done) if done else float("nan")
+        if not done:
+            return float("nan")
+        return (time.time() - self.start) / done * max(0, self.total - done)
 
-    def _cell(self, trial) -> str:
-        return trial.config.get("cell", {}).get("id", "?")
+    def cell_counts(self) -> tuple[int, int, int]:
+        """(done, in progress, waiting) fine-tuning cells; they add up to the number of cells."""
+        done = sum(1 for c, n in self.cell_trials.items() if self.ended_per_cell.get(c, 0) >= n)
+        touched = {c for c in self.ended_per_cell if c in self.cell_trials} | {
+            c for c in self.running.values() if c in self.cell_trials}
+        active = len(touched) - sum(1 for c in touched if self.ended_per_cell.get(c, 0) >= self.cell_trials[c])
+        return done, active, len(self.cell_trials) - done - active
 
     def table(self) -> Table:
-        started = set(self.cell_trials) | {c for c, n in self.cell_running.items() if n}
-        running = sum(1 for c, n in self.cell_running.items() if n)
         t = Table(title="study progress", show_header=False)
-        t.add_row("cells", f"{len(started) - running} touched, {running} running, "
-                           f"{len(self.cells) - len(started)} pending of {len(self.cells)}")
-        t.add_row("trials", f"{self.ended()}/{self.total}: {self.counts['finished']} finished, "
-                            f"{self.counts['stopped']} stopped early, {self.counts['failed']} failed")
-        t.add_row("best score", f"{self.best:.3f} ({self.best_cell})" if self.best_cell else "-")
-        t.add_row("elapsed / eta", f"{time.time() - self.start:.0f}s / {self.eta_s():.0f}s")
+        if self.pretrain_jobs:
+            pre_running = sum(1 for c in self.running.values() if c not in self.cell_trials)
+            t.add_row("pre-training", f"{self.pretrain_ended}/{self.pretrain_jobs} jobs done, {pre_running} running")
+        done, active, waiting = self.cell_counts()
+        t.add_row("cells", f"{done} done, {active} in progress, {waiting} waiting (of {len(self.cell_trials)})")
+        t.add_row("trials", f"{self.ended()}/{self.total} ended: {self.counts['finished']} finished, "
+                            f"{self.counts['stopped']} stopped early, {self.counts['failed']} failed; "
+                            f"{len(self.running)} running")
+        t.add_row("best score", f"{self.best:.3f} ({self.best_cell})" if self.best_cell else "–")
+        t.add_row("elapsed / eta", f"{duration(time.time() - self.start)} / {duration(self.eta_s())}")
         return t
 
     # -- Tune callbacks ---------------------------------------------------------------------------
     def setup(self, **info) -> None:
         if self.live_enabled and self._live is None:
-            self._live = Live(self.table(), console=Console(), refresh_per_second=2, transient=False)
+            console = Console(file=_screen["stream"] or sys.stdout)
+            self._live = Live(self.table(), console=console, refresh_per_second=2, transient=False,
+                              redirect_stdout=False, redirect_stderr=False)
             self._live.start()
+            _screen["console"] = console
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.cell_running[self._cell(trial)] += 1
+        self.running[trial.trial_id] = self._cell(trial)
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -113,19 +190,27 @@ class ProgressCallback(Callback):
             self._live.update(self.table())
             self._live.stop()
             self._live = None
+            _screen["console"] = None
+
+    @staticmethod
+    def _cell(trial) -> str:
+        return trial.config.get("cell", {}).get("id", "?")
 
     def _end(self, trial, outcome: str) -> None:
         cell = self._cell(trial)
+        self.running.pop(trial.trial_id, None)
         self.counts[outcome] += 1
-        self.cell_running[cell] = max(0, self.cell_running[cell] - 1)
-        self.cell_trials[cell] += 1
+        if cell in self.cell_trials:
+            self.ended_per_cell[cell] = self.ended_per_cell.get(cell, 0) + 1
+        else:
+            self.pretrain_ended += 1
         score = (trial.last_result or {}).get("score")
         if score is not None and score > self.best:
             self.best, self.best_cell = score, cell
         score_txt = f" score {score:.3f}" if score is not None else ""
         line = (f"[{self.ended()}/{self.total}] {trial.config.get('stage', '?')} {cell} {trial.trial_id}: "
-                f"{outcome}{score_txt}; best {f'{self.best:.3f}' if self.best_cell else '-'}; elapsed {time.time() - self.start:.0f}s, "
-                f"eta {self.eta_s():.0f}s")
+                f"{outcome}{score_txt}; best {f'{self.best:.3f}' if self.best_cell else '–'}; "
+                f"elapsed {duration(time.time() - self.start)}, eta {duration(self.eta_s())}")
         if self._live is not None:
             for h in log.handlers:  # the file keeps every line; the terminal shows the live table
                 if isinstance(h, logging.FileHandler):

@@ -117,6 +117,8 @@ def load_study(folder: str | Path) -> Study:
 
     folder = Path(folder).resolve()
     study_file = folder / "study.json"
+    if folder.is_file():
+        raise StudyInputError(f"{folder} is a file, not a folder; give a study folder (python -m study.launch --output DIR)")
     if not study_file.is_file():
         raise StudyInputError(f"{folder}: no study.json; is it a study folder (python -m study.launch --output DIR)?")
     try:
@@ -300,6 +302,23 @@ def summary(study: Study) -> dict:
             "tracking_uri": study.tracking_uri, "cells": cells, "failed": study.failed}
 
 
+def _finite(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON's ``null``), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(data: object) -> str:
+    """Strict JSON (RFC 8259): missing or undefined numbers are ``null``, never ``NaN`` or ``Infinity``,
+    which a browser's ``JSON.parse`` and ``jq`` reject."""
+    return json.dumps(_finite(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False)
+
+
 def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow: bool = True) -> Path:
     """Write ``<output_dir>/report/`` (see the module docstring); returns that folder."""
     from study.report_render import render_html, render_markdown
@@ -312,7 +331,7 @@ def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow
     configs = write_best_configs(study, out / "best_configs.yaml")
     data = summary(study)
     data["notes"], data["importance_notes"] = notes, importance_notes
-    atomic_write_text(out / "report.json", json.dumps(data, indent=2, default=str))
+    atomic_write_text(out / "report.json", strict_json(data))
     atomic_write_text(out / "report.md", render_markdown(study, figures, importance, importance_notes, notes, configs, out))
     atomic_write_text(out / "report.html", render_html(study, figures, importance, importance_notes, notes, configs))
     if log_to_mlflow:

@@ -49,4 +49,5 @@ def print_summary(results, plan: StudyPlan, tracker: StudyTracker, console: Cons
     errors = [r for r in results if r.error] if results is not None else []
     if errors:
         console.print(f"{len(errors)} trial(s) failed; see the MLflow tag failure_reason")
-    console.print(f"MLflow: {open_ui_command(tracker.uri)}")
+    for line in open_ui_command(tracker.uri, tracker.experiment_id):
+        console.print(line, soft_wrap=True, highlight=False)

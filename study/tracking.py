@@ -111,7 +111,9 @@ class StudyTracker:
         self._client: MlflowClient | None = None
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location)
+            experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         if parent_run_id is None:
             parent = self.client.create_run(self.experiment_id, run_name=experiment, tags={"stage": "study"})
             parent_run_id = parent.info.run_id
@@ -336,10 +338,27 @@ def failure_reason(trial) -> str:
     return reason[:5000]
 
 
-def open_ui_command(tracking_uri: str) -> str:
+# MLflow 3 opens an experiment in its GenAI view unless the experiment says it holds model training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def runs_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table (the model-training view, not the GenAI one)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def open_ui_command(tracking_uri: str, experiment_id: str | None = None) -> list[str]:
+    """How to see the study in the MLflow UI: the command that serves a file store, then the runs page."""
+    lines = []
+    server = tracking_uri
     if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {tracking_uri} in a browser"
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+        server = UI_ADDRESS
+    if experiment_id is None:
+        return lines or [f"MLflow UI: {server}"]
+    return [*lines, f"study runs: {runs_url(server, experiment_id)}"]
 
 
-__all__ = ["MLflowTrialCallback", "StudyTracker", "code_version", "flatten", "mlflow", "open_ui_command"]
+__all__ = ["MLflowTrialCallback", "StudyTracker", "code_version", "flatten", "mlflow", "open_ui_command", "runs_url"]

@@ -146,3 +146,44 @@ def s3_keys(client, prefix: str) -> list[str]:
     """Every object key under ``prefix`` in the test bucket."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy (returned), or fail after ``timeout`` seconds
+    saying ``what`` was awaited. Timing-dependent states (a node marked dead, a process gone, a file
+    written) are waited for, never read once at an instant."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f}s for {what}; last seen: {value!r}")
+        time.sleep(interval)
+
+
+def run_in_terminal(argv: list[str], cwd: Path, timeout: float, width: int = 200, height: int = 50) -> tuple[int, str]:
+    """Run ``argv`` in a real pseudo-terminal (a private tmux server) as a person would; returns its exit
+    code and the whole screen at the end (scrollback included, wrapped lines joined)."""
+    import shlex
+    import tempfile
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux; `make test` installs it as root)")
+    state = Path(tempfile.mkdtemp(prefix="term-"))
+    rc_file, socket = state / "rc", f"pcs-test-{os.getpid()}-{state.name}"
+    script = f"cd {shlex.quote(str(cwd))} && {shlex.join(map(str, argv))}; echo $? > {shlex.quote(str(rc_file))}; exec sleep 3600"
+    base = [tmux, "-L", socket, "-f", "/dev/null"]
+    subprocess.run([*base, "new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), script], check=True)
+    try:
+        wait_for(rc_file.exists, timeout, f"`{shlex.join(map(str, argv))}` to finish in a terminal", interval=0.5)
+        wait_for(lambda: rc_file.read_text().strip(), 10, "its exit code")
+        screen = subprocess.run([*base, "capture-pane", "-p", "-J", "-S", "-", "-t", "t"], capture_output=True,
+                                text=True, check=True).stdout
+        return int(rc_file.read_text()), screen
+    finally:
+        subprocess.run([*base, "kill-server"], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)

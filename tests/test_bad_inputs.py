@@ -47,6 +47,9 @@ CLI_CASES = [
     (["--backbones", "swinunetr"], "swinunetr needs an input size that is a multiple of 32"),
     (["--cohort", "{tmp}/nowhere/manifest.csv"], "manifest"),
     (["--resume", "{tmp}/nothing-here"], "no study.json there"),
+    (["--grid", "{tmp}"], "is a folder, not a file; give a grid FILE.yaml"),
+    (["--grid", "{tmp}/folder.yaml"], "folder.yaml is a folder, not a file; give a grid FILE.yaml"),
+    (["--resume", "{tmp}/file.txt"], "is a file, not a folder; give the study folder"),
 ]
 
 
@@ -61,6 +64,8 @@ def _run(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize(("argv", "expected"), CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
 def test_cli_argument(argv, expected, tmp_path, capsys) -> None:
     port = _closed_port()
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "file.txt").write_text("not a study")
     argv = [a.replace("{port}", str(port)).replace("{tmp}", str(tmp_path)) for a in argv]
     if "--grid" not in argv and "--resume" not in argv:
         argv = ["--grid", "smoke", *argv]
@@ -92,6 +97,16 @@ def test_corrupt_image_names_the_subject(tiny_cohort_copy, tmp_path, capsys) -> 
     (tiny_cohort_copy.parent / victim["image"]).write_bytes(b"\x1f\x8b not really a nifti")
     err = _run(["--grid", "smoke", "--cohort", str(tiny_cohort_copy), "--output", str(tmp_path / "o")], capsys)
     assert victim["subject_id"] in err
+
+
+def test_image_that_is_a_folder_is_called_a_folder(tiny_cohort_copy, tmp_path, capsys) -> None:
+    rows = list(csv.DictReader(tiny_cohort_copy.open()))
+    victim = next(r for r in rows if r["split"] == "train")
+    image = tiny_cohort_copy.parent / victim["image"]
+    image.unlink()
+    image.mkdir()
+    err = _run(["--grid", "smoke", "--cohort", str(tiny_cohort_copy), "--output", str(tmp_path / "o")], capsys)
+    assert victim["subject_id"] in err and f"image {image} is a folder, not a file" in err, err
 
 
 def test_split_smaller_than_the_batch(tiny_cohort_copy, tmp_path, capsys) -> None:

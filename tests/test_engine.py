@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wait_for
 
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.engine import NonFiniteLossError, TrainConfig, fit, make_optimizer
@@ -83,10 +84,7 @@ def test_memory_sampler_stops_however_fit_ends() -> None:
     bad[0]["image"][:] = float("nan")
     with pytest.raises(NonFiniteLossError):
         fit(model, bad, _batches(1, 1), TrainConfig(epochs=1), spacing_mm=4.0)
-    deadline = __import__("time").time() + 2
-    while samplers() > before and __import__("time").time() < deadline:
-        __import__("time").sleep(0.05)
-    assert samplers() == before
+    wait_for(lambda: samplers() == before, 30, "the memory sampler threads to stop", interval=0.05)
 
 
 def test_learning_rates_per_part() -> None:

@@ -247,7 +247,11 @@ def cli_runs(registry, trial_model, cohort, tmp_path_factory) -> dict[str, subpr
         "unknown model": ("--model", "pcs-nope", "--tracking-uri", registry, good),
         "unknown alias": ("--model", f"{MODEL_NAME}@gold", "--tracking-uri", registry, good),
         "missing model file": ("--model", str(tmp / "none" / "model.pt"), good),
+        "image is a folder": (*model, str(tmp / "images.nii.gz")),
+        "model is an empty folder": ("--model", str(tmp / "empty_model"), good),
     }
+    (tmp / "images.nii.gz").mkdir()
+    (tmp / "empty_model").mkdir()
     # The two good cases run as real commands, side by side; the bad ones call the same main() in this
     # process (each would otherwise spend seconds importing torch and MONAI only to print one line).
     good_cases = ("registered", "model path")
@@ -293,6 +297,7 @@ def test_cli_with_a_trial_model_path(cli_runs) -> None:
     ("4D image", "4D"), ("2D image", "2D"), ("single slice", "not a 3D"), ("corrupt file", "cannot read"),
     ("missing file", "does not exist"), ("unknown model", "no registered model 'pcs-nope'"),
     ("unknown alias", "no alias 'gold'"), ("missing model file", "does not exist"),
+    ("image is a folder", "is a folder, not a file"), ("model is an empty folder", "is a folder without a model.pt"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli_runs, case, words) -> None:
     proc = cli_runs[case]

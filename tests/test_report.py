@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +21,7 @@ import optuna
 import pytest
 import ray
 import yaml
+from conftest import run_in_terminal, wait_for
 from mlflow.tracking import MlflowClient
 
 from study.grid_file import load_grid_file
@@ -33,28 +38,37 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_cohort):
-    """One smoke study (2 methods x 2 strategies, 2 trials per cell, 1 seed re-run), then its report twice."""
+    """One smoke study (2 methods x 2 strategies, 2 trials per cell, 1 seed re-run), run as a person runs it:
+    the launcher in a terminal (a pseudo-terminal, so the live display is on); then its report once more."""
     root = tmp_path_factory.mktemp("report_study")
     out = root / "smoke"
+    # cwd: MLflow's default artifact root is ./mlruns; keep it out of the repository
+    rc, screen = run_in_terminal([sys.executable, "-m", "study.launch", "--grid", "smoke", "--strategies", "full,top",
+                                  "--num-samples", "2", "--seeds", "1", "--cohort", tiny_cohort, "--output", out],
+                                 cwd=root, timeout=600)
+    assert rc == 0, screen[-4000:]
     cwd = os.getcwd()
-    os.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the repository
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.chdir(root)
     try:
-        args = build_parser().parse_args(["--grid", "smoke", "--strategies", "full,top", "--num-samples", "2",
-                                          "--seeds", "1", "--cohort", str(tiny_cohort), "--output", str(out)])
-        outcome = run_study(args)
-        write_report(out)
-        report = write_report(out)  # a second time: registering must be idempotent
+        report = write_report(out)  # a second time (the launcher wrote it first): registering must be idempotent
     finally:
-        ray.shutdown()
         os.chdir(cwd)
     saved = json.loads((out / "study.json").read_text())
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([client.get_run(saved["parent_run_id"]).info.experiment_id],
                               f"tags.mlflow.parentRunId = '{saved['parent_run_id']}'", max_results=1000)
-    return {"outcome": outcome, "report": report, "saved": saved, "client": client, "runs": runs,
-            "data": json.loads((report / "report.json").read_text())}
+    return {"screen": screen, "report": report, "saved": saved, "client": client, "runs": runs,
+            "data": strict_loads((report / "report.json").read_text())}
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"report.json holds {constant}, which strict JSON parsers reject")
+
+
+def strict_loads(text: str) -> object:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity, as a browser's JSON.parse and jq do."""
+    return json.loads(text, parse_constant=_refuse)
 
 
 def _cell_ids(saved: dict) -> list[str]:
@@ -239,6 +253,70 @@ def test_html_renders_tables_and_every_image_in_chromium(study, chromium, tmp_pa
     assert float(pixels.std()) > 0.05  # not a blank page
 
 
+def test_terminal_shows_the_live_table_once_and_none_of_rays_console_output(study) -> None:
+    """The screen of the study run in a terminal: the study's live table drawn once, counts that add up, an
+    ETA that is a duration; Ray's and Tune's own console output is in study.log, not on the screen."""
+    screen = study["screen"]
+    ray_output = ("Token authentication", "Started a local Ray instance", "Configuration for experiment",
+                  "Number of trials", "View detailed results", "TensorBoard")
+    assert [s for s in ray_output if s in screen] == [], screen[-4000:]
+    log = (study["report"].parent / "study.log").read_text()
+    assert "Configuration for experiment" in log and "TensorBoard" in log  # kept, in the log
+    assert screen.count("study progress") == 1, screen
+    done, active, waiting, cells = map(int, re.search(
+        r"cells\s*│\s*(\d+) done, (\d+) in progress, (\d+) waiting \(of (\d+)\)", screen).groups())
+    assert (done, active, waiting) == (cells, 0, 0) and cells == 4
+    ended, total = map(int, re.search(r"trials\s*│\s*(\d+)/(\d+) ended", screen).groups())
+    plan = study["saved"]["plan"]
+    assert ended == total == 1 + cells * (plan["num_samples"] + plan["seeds"])  # one pre-training job
+    assert re.search(r"pre-training\s*│\s*1/1 jobs done, 0 running", screen)
+    elapsed, eta = re.search(r"elapsed / eta\s*│\s*(\S+(?: \d+s)?) / (\S+)", screen).groups()
+    assert re.fullmatch(r"\d+s|\d+m \d\ds", elapsed) and eta in ("0s", "–"), (elapsed, eta)
+    assert not re.search(r"-\d+ (waiting|pending|running)", screen)
+    assert "Best trial per cell (4/4 cells)" in screen
+
+
+def test_printed_mlflow_url_opens_the_runs_table_with_the_parent_run(study, chromium, tmp_path) -> None:
+    """The launcher's last lines: the `mlflow ui` command and the URL of the study's runs; served as printed
+    and opened in headless Chromium, the page is the runs table (not MLflow 3's GenAI view) with the
+    study's parent run in it."""
+    screen, client, saved = study["screen"], study["client"], study["saved"]
+    command = re.search(r"MLflow UI: (mlflow ui --backend-store-uri \S+)", screen).group(1)
+    url = re.search(r"study runs: (\S+)", screen).group(1)
+    parent = client.get_run(saved["parent_run_id"])
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert url == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(Path(sys.executable).parent / a) if i == 0 else a for i, a in enumerate(command.split())]
+    server = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 120, "the MLflow UI to answer", interval=0.5)
+        page = url.replace("http://127.0.0.1:5000", f"http://127.0.0.1:{port}")
+        link = f'href="#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"'
+
+        def rendered() -> str:
+            dom = _browser(chromium, "--virtual-time-budget=20000", "--dump-dom", page,
+                           profile=tmp_path / "profile").stdout
+            return dom if link in dom else ""
+
+        dom = wait_for(rendered, 180, "the runs table to list the study's parent run", interval=1)
+        row = dom[dom.index(link):dom.index(link) + 400]
+        assert f">{parent.info.run_name}</span>" in row, row
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 # -- a hand-written study in a real MLflow SQLite store: seeds, failures, bad input ---------------
 def _hand_study(folder: Path, runs: list[dict], args: dict | None = None) -> Path:
     """study.json (with the launcher's ``args``) + mlflow.db with a parent run and the given child runs."""
@@ -284,7 +362,7 @@ def test_seeds_failures_and_early_stops_from_a_hand_written_study(tmp_path) -> N
         _run("none__top__segresnet", "search", "failed", 0.0, 0.0, failure_reason="RuntimeError: boom"),
     ])
     report = write_report(folder, register=False)
-    data = json.loads((report / "report.json").read_text())
+    data = strict_loads((report / "report.json").read_text())
     cells = {c["cell"]: c for c in data["cells"]}
     acc = cells[full]["stats"]["test_accuracy"]
     assert acc["n"] == 3 and acc["mean"] == pytest.approx(statistics.fmean([0.7, 0.8, 0.6]))

@@ -29,7 +29,7 @@ def _max_overlap(results) -> int:
     return best
 
 
-def _run(tmp_path, gpus: float, n: int, sleep: float, timeout: float = 30):
+def _run(tmp_path, gpus: float, n: int, sleep: float, timeout: float = 180):
     barrier = tmp_path / f"barrier{gpus}"
     barrier.mkdir()
     trainable = tune.with_resources(barrier_sleeper, trial_resources(cpus=0.25, gpus=gpus, shares={}, custom={}))

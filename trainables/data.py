@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainables.atomic import atomic_write
-from trainables.errors import StudyInputError
+from trainables.errors import StudyInputError, not_a_file
 
 SPLITS = ("pretrain", "train", "val", "test")
 LABELED_SPLITS = ("train", "val", "test")
@@ -162,7 +162,7 @@ def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
             )
         for file, what in ((image, "image"), (label, "label")):
             if file is not None and not file.is_file():
-                raise StudyInputError(f"{where}: {what} file {file} does not exist; fix the path in the manifest")
+                raise StudyInputError(f"{where}: {what} {file} {not_a_file(file)}; fix the path in the manifest")
         left, right = row["pcs_left"], row["pcs_right"]
         if labeled or left or right:
             pcs_left, pcs_right = _binary(left, where, "pcs_left"), _binary(right, where, "pcs_right")

@@ -8,3 +8,10 @@ class StudyInputError(ValueError):
 
     The CLI prints it on one line without a traceback and exits non-zero.
     """
+
+
+def not_a_file(path: object) -> str:
+    """Why ``path`` cannot be read as a file, for a message: it is a folder, or it does not exist."""
+    from pathlib import Path
+
+    return "is a folder, not a file" if Path(str(path)).is_dir() else "does not exist"
