@@ -10,7 +10,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 TORCH := $(if $(HAS_CUDA),,torch==2.13.0)
 
-.PHONY: setup study test lint bench clean chromium
+.PHONY: setup study test lint bench clean test-tools
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,12 @@ setup: $(STAMP)
 study: $(STAMP)
 	$(PY) -m study.launch --grid full $(ARGS)
 
-# Headless Chromium renders report.html in tests/test_report.py: installed when missing and running as root.
-chromium:
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || true
+# Headless Chromium (tests/test_report.py renders report.html and the MLflow UI) and tmux (the same tests run a
+# study in a real terminal): installed when missing and running as root.
+test-tools:
+	@(command -v chromium && command -v tmux) >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux) || true
 
-test: $(STAMP) chromium
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
