@@ -15,7 +15,14 @@ import torch
 
 from bench.common import print_table, write_result
 from trainables.backbones import BACKBONES, BackboneConfig, build_backbone, count_parameters
-from trainables.engine import MultiTaskLoss, PeakMemory, TrainConfig, make_optimizer, resolve_device
+from trainables.engine import (
+    MultiTaskLoss,
+    PeakMemory,
+    TrainConfig,
+    make_optimizer,
+    resolve_device,
+    step_tensor_peak_mb,
+)
 from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import task_storage_bytes
 
@@ -36,22 +43,29 @@ def measure(strategy: str, backbone: str, size: int, width: int, batch: int, ste
     label[:, :, : size // 2, : size // 4, : size // 4] = 1
     b = {"image": x, "label": label, "cls": torch.ones(batch, 2, device=device)}
     memory = PeakMemory(device).reset()
+
+    def step() -> None:
+        loss = loss_fn(model(x), b)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # on a CPU, the first step's peak tensor memory (what the study reports there), before any timing
+    _, tensor_mb = step_tensor_peak_mb(step, [model, loss_fn], [opt]) if device.type == "cpu" else (None, None)
     times = []
     for i in range(warmup + steps):
         if i == warmup and barrier is not None:
             barrier.wait()
         t = time.perf_counter()
-        loss = loss_fn(model(x), b)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     trainable, total = count_parameters(model)
     row = {"backbone": backbone, "strategy": strategy, "step_s": sorted(times)[len(times) // 2],
-           "peak_memory_mb": memory.mb(), "trainable_params": trainable, "trainable_fraction": trainable / total,
+           "peak_memory_mb": memory.mb() if device.type == "cuda" else tensor_mb, "peak_rss_mb": memory.rss_mb(),
+           "trainable_params": trainable, "trainable_fraction": trainable / total,
            "task_storage_bytes": task_storage_bytes(model)}
     memory.close()
     return row
@@ -73,7 +87,7 @@ def table(backbone: str, names: list[str], size: int, width: int, batch: int, st
 
 
 def print_rows(rows: list[dict]) -> None:
-    print_table(rows, ["backbone", "strategy", "step_s", "time_vs_full", "peak_memory_mb", "memory_vs_full",
+    print_table(rows, ["backbone", "strategy", "step_s", "time_vs_full", "peak_memory_mb", "memory_vs_full", "peak_rss_mb",
                        "trainable_fraction", "task_storage_bytes", "storage_vs_full"])
 
 

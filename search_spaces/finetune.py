@@ -15,6 +15,12 @@ from search_spaces import FINETUNE_SPACES
 TARGET_SETS = ["conv", "conv_linear", "encoder"]  # trainables.finetune.peft_methods.TARGET_SETS
 
 
+# The first trial of every searched cell: learning rates at which the from-scratch baseline learns at the
+# laptop budget (bench/calibrate.py, bench/RESULTS.md); TPE then searches around it. Without it a cell's
+# result at a few trials depends on the luck of its first random draw.
+TRAIN_DEFAULTS = {"lr_encoder": 1e-3, "lr_decoder": 1e-3, "lr_heads": 1e-3, "weight_decay": 1e-5}
+
+
 def train_space(trial: optuna.Trial) -> dict:
     """Per-part learning rates (log-uniform) and AdamW weight decay: ``TrainConfig`` fields."""
     return {

@@ -79,6 +79,9 @@ def output_affine(spacing: float, n: int) -> np.ndarray:
     return affine
 
 
+SPLITS = ("pretrain", "train", "val", "test")
+
+
 def split_sizes(n: int) -> dict[str, int]:
     """Subjects per split: ~40% pretrain, 30% train, 15% val, 15% test, at least 2 each."""
     val = max(2, round(0.15 * n))
@@ -87,9 +90,25 @@ def split_sizes(n: int) -> dict[str, int]:
     return {"pretrain": n - train - val - test, "train": train, "val": val, "test": test}
 
 
-def assign_splits(n: int, seed: int) -> list[str]:
-    """Split name per subject index, a seeded permutation (the same seed, the same split)."""
-    names = [name for name, size in split_sizes(n).items() for _ in range(size)]
+def check_splits(sizes: dict) -> dict[str, int]:
+    """Explicit split sizes ``{pretrain, train, val, test}`` (each an integer >= 2), validated; returns them
+    in the standard order."""
+    if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
+        raise StudyInputError(f"splits must give the number of subjects of each of {', '.join(SPLITS)}, got "
+                              f"{sizes!r}; e.g. {{pretrain: 200, train: 24, val: 80, test: 120}}")
+    for name in SPLITS:
+        value = sizes[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise StudyInputError(f"splits.{name} must be an integer >= 2, got {value!r}")
+    if sum(sizes.values()) > 10000:
+        raise StudyInputError(f"splits add up to {sum(sizes.values())} subjects; at most 10000")
+    return {name: sizes[name] for name in SPLITS}
+
+
+def assign_splits(n: int, seed: int, sizes: dict[str, int] | None = None) -> list[str]:
+    """Split name per subject index, a seeded permutation (the same seed, the same split); ``sizes`` gives
+    the subjects per split (default :func:`split_sizes`)."""
+    names = [name for name, size in (sizes or split_sizes(n)).items() for _ in range(size)]
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(n)
     splits = [""] * n
     for rank, index in enumerate(order):
@@ -324,12 +343,20 @@ def write_preview(out: Path, sids: list[str], splits: list[str], subjects: dict[
 
 
 def generate_cohort(
-    output: str | Path, subjects: int = 24, seed: int = 0, spacing: float = 2.0, difficulty: float = 1.0
+    output: str | Path, subjects: int = 24, seed: int = 0, spacing: float = 2.0, difficulty: float = 1.0,
+    splits: dict[str, int] | None = None,
 ) -> Path:
     """Generate (or reuse) a synthetic PCS cohort in ``output``; return the path of its manifest.csv.
 
+    ``splits`` gives the subjects of each split (``pretrain``, ``train``, ``val``, ``test``; then
+    ``subjects`` is their sum); by default ~40/30/15/15% of ``subjects``. A subject's voxels depend on
+    its index only, so a cohort resized or re-split reuses the files it already has.
+
     Raises StudyInputError for bad parameters or an output folder that holds someone else's manifest.
     """
+    sizes = check_splits(splits) if splits else None
+    if sizes:
+        subjects = sum(sizes.values())
     params = CohortParams(subjects, seed, float(spacing), float(difficulty))
     params.validate()
     out = Path(output)
@@ -346,9 +373,10 @@ def generate_cohort(
     except (OSError, ValueError):
         meta = {}
     sids = [f"sub-{i:03d}" for i in range(subjects)]
-    splits = assign_splits(subjects, seed)
+    sizes = sizes or split_sizes(subjects)
+    splits = assign_splits(subjects, seed, sizes)
     good = _reusable(out, meta, params, sids, splits)
-    if len(good) == subjects and manifest.exists() and (out / "preview.png").exists():
+    if len(good) == subjects and manifest.exists() and (out / "preview.png").exists() and meta.get("splits") == sizes:
         return manifest
     if meta.get("params") != asdict(params):  # a different cohort: drop its marker and leftover files
         meta_path.unlink(missing_ok=True)
@@ -371,8 +399,22 @@ def generate_cohort(
         entries[sid] = entry
     atomic_write_text(manifest, _manifest_text(sids, splits, entries))
     write_preview(out, sids, splits, entries)
-    atomic_write_text(meta_path, json.dumps({"params": asdict(params), "subjects": entries}, indent=1, sort_keys=True))
+    atomic_write_text(meta_path, json.dumps({"params": asdict(params), "splits": sizes, "subjects": entries},
+                                            indent=1, sort_keys=True))
     return manifest
+
+
+def parse_splits(text: str) -> dict[str, int]:
+    """``"pretrain=200,train=24,val=80,test=120"`` -> sizes (validated by :func:`check_splits`)."""
+    sizes: dict[str, object] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise StudyInputError(f"--splits {text!r}: write NAME=COUNT pairs, e.g. "
+                                  "pretrain=200,train=24,val=80,test=120") from None
+    return check_splits(sizes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -388,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same voxels)")
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (2 -> 32^3, 4 -> 16^3)")
     parser.add_argument("--difficulty", type=float, default=1.0, help="0.5 easy, 1 default, 2 hard")
+    parser.add_argument("--splits", help="subjects per split, e.g. pretrain=200,train=24,val=80,test=120 "
+                        "(replaces --subjects; default ~40/30/15/15%% of --subjects)")
     try:
         args = parser.parse_args(argv)
-        manifest = generate_cohort(args.output, args.subjects, args.seed, args.spacing, args.difficulty)
+        manifest = generate_cohort(args.output, args.subjects, args.seed, args.spacing, args.difficulty,
+                                   splits=parse_splits(args.splits) if args.splits else None)
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

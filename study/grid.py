@@ -69,6 +69,8 @@ class StudyPlan:
         seed: the study's seed (cohort, Optuna samplers, trial seeds).
         grace_period: epochs every fine-tuning trial runs before ASHA may stop it.
         seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no).
+        splits: subjects per split of the embedded cohort (``pretrain``, ``train``, ``val``, ``test``);
+            replaces ``subjects`` (empty: ~40/30/15/15% of ``subjects``).
         pretrain_params: per pre-training method, settings that replace its defaults: ``lr`` and
             ``weight_decay`` of the pre-training optimiser and any field of the method's config, e.g.
             ``{"contrastive": {"temperature": 0.2, "lr": 3e-4}}``. Pre-training is not searched: one
@@ -89,8 +91,14 @@ class StudyPlan:
     grace_period: int = 2
     seeds: int = 0
     pretrain_params: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.splits:
+            from study.cohort import check_splits
+
+            self.splits = check_splits(self.splits)
+            self.subjects = sum(self.splits.values())
         if not self.cells:
             raise StudyInputError("the grid has no cells: check --methods/--strategies/--backbones")
         for method, params in self.pretrain_params.items():

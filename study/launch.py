@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "s3://bucket/prefix (default: the output folder)")
     p.add_argument("--pretrain-cache", help="folder or URI of cached pre-training checkpoints, shared by studies "
                    "(default: pretrain_cache beside the output folder, or under an object-store --storage)")
+    p.add_argument("--reference", default=None, metavar="CELL",
+                   help="the cell the report compares every other with (default none__full__<backbone>, "
+                   "training from scratch), e.g. reconstruction__full__segresnet")
     p.add_argument("--trial-resources", default=None,
                    help='extra custom Ray resources each fine-tuning trial needs, as JSON, e.g. \'{"gpu_node": 0.1}\'')
     return p
@@ -133,7 +136,8 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None) -> tuple[dic
     if cohort is None:
         from study.cohort import generate_cohort
 
-        manifest = generate_cohort(output / "cohort", subjects=plan.subjects, seed=plan.seed, spacing=plan.spacing_mm)
+        manifest = generate_cohort(output / "cohort", subjects=plan.subjects, seed=plan.seed, spacing=plan.spacing_mm,
+                                   splits=plan.splits or None)
     else:
         manifest = Path(cohort).resolve()
     validate_cohort(read_manifest(manifest))
@@ -248,6 +252,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             shared_storage.check_storage(value, flag)  # an object store: write a probe before any work
     for strategy, backbone in dict.fromkeys((c.strategy, c.backbone) for c in plan.cells):
         check_applicable(strategy, backbone, tuple(plan.input_size))
+    if args.reference and args.reference not in {c.id for c in plan.cells}:
+        raise StudyInputError(f"--reference {args.reference!r} is not a cell of this study; its cells: "
+                              + ", ".join(c.id for c in plan.cells[:20]) + ("…" if len(plan.cells) > 20 else ""))
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
     # What every node must see: a mounted folder, or an object-store URI (trainables/shared.py).

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,59 +42,110 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_tradeoff(points: list[dict], cost_key: str, cost_label: str, path: Path) -> Path:
-    """Test accuracy against a cost (one point per cell), the Pareto front drawn and its cells named.
+    """Test score (with its 95% interval as a bar) against a cost, one point per cell; the Pareto front
+    of the point estimates drawn and its cells named; the cells the data cannot tell apart from the best
+    ringed in orange.
 
     Args:
-        points: dicts with ``label``, ``strategy``, ``pretrain``, ``accuracy`` and ``cost_key``.
+        points: dicts with ``label``, ``strategy``, ``pretrain``, ``score``, ``lo``, ``hi`` (the interval,
+            NaN if unknown), ``tied`` (cannot be told apart from the best) and ``cost_key``.
         cost_key: which key holds the cost (lower is better).
         cost_label: the x-axis label.
         path: the PNG to write.
     """
-    pts = [p for p in points if _finite(p.get(cost_key)) and _finite(p.get("accuracy"))]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [p for p in points if _finite(p.get(cost_key)) and _finite(p.get("score"))]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     strategies = sorted({p["strategy"] for p in pts})
     methods = sorted({p["pretrain"] for p in pts})
     cmap = plt.get_cmap("tab20")
     for p in pts:
-        ax.scatter(p[cost_key], p["accuracy"], s=46, color=cmap(strategies.index(p["strategy"]) % 20),
+        colour = cmap(strategies.index(p["strategy"]) % 20)
+        if _finite(p.get("lo")) and _finite(p.get("hi")):
+            ax.errorbar(p[cost_key], p["score"], yerr=[[p["score"] - p["lo"]], [p["hi"] - p["score"]]],
+                        color=colour, alpha=0.5, linewidth=0.9, capsize=2, zorder=1)
+        ax.scatter(p[cost_key], p["score"], s=46, color=colour, zorder=2,
                    marker=_MARKERS[methods.index(p["pretrain"]) % len(_MARKERS)], edgecolor="black", linewidth=0.4)
-    front = pareto_front([p[cost_key] for p in pts], [p["accuracy"] for p in pts]) if pts else []
+        if p.get("tied"):
+            ax.scatter(p[cost_key], p["score"], s=170, facecolors="none", edgecolors="darkorange", linewidth=1.6,
+                       zorder=3)
+    front = pareto_front([p[cost_key] for p in pts], [p["score"] for p in pts]) if pts else []
     if front:
-        xs, ys = [pts[i][cost_key] for i in front], [pts[i]["accuracy"] for i in front]
-        ax.step(xs, ys, where="post", color="crimson", linewidth=1.2, label="Pareto front")
-        ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="crimson", linewidth=1.4)
+        xs, ys = [pts[i][cost_key] for i in front], [pts[i]["score"] for i in front]
+        ax.step(xs, ys, where="post", color="crimson", linewidth=1.2, label="Pareto front (point estimates)")
         for i in front:
-            ax.annotate(pts[i]["label"], (pts[i][cost_key], pts[i]["accuracy"]), fontsize=7,
+            ax.annotate(pts[i]["label"], (pts[i][cost_key], pts[i]["score"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
+    ax.scatter([], [], s=120, facecolors="none", edgecolors="darkorange", linewidth=1.6,
+               label="cannot be told apart from the best")
     for s in strategies:
         ax.scatter([], [], color=cmap(strategies.index(s) % 20), label=f"strategy {s}")
     for m in methods:
         ax.scatter([], [], color="white", edgecolor="black", marker=_MARKERS[methods.index(m) % len(_MARKERS)],
                    label=f"pre-training {m}")
     ax.set_xlabel(cost_label)
-    ax.set_ylabel("test accuracy (presence)")
-    ax.set_title(f"Accuracy vs {cost_label} ({len(pts)} cells)")
+    ax.set_ylabel("test score (bars: 95% CI)")
+    ax.set_title(f"Test score vs {cost_label} ({len(pts)} cells)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_forest(rows: list[dict], path: Path, reference: str | None = None) -> Path:
+    """Cells sorted by test score, each with its 95% interval: the best in crimson, the cells that cannot
+    be told apart from it in orange, the rest grey; the reference cell marked with a diamond.
+
+    Args:
+        rows: dicts with ``label``, ``score``, ``lo``, ``hi`` and ``tied``.
+        path: the PNG to write.
+        reference: the reference cell's label.
+    """
+    rows = sorted([r for r in rows if _finite(r.get("score"))], key=lambda r: r["score"])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * max(1, len(rows))))
+    best = rows[-1]["label"] if rows else None
+    for y, r in enumerate(rows):
+        colour = "crimson" if r["label"] == best else "darkorange" if r.get("tied") else "grey"
+        if _finite(r.get("lo")) and _finite(r.get("hi")):
+            ax.plot([r["lo"], r["hi"]], [y, y], color=colour, linewidth=1.6)
+        ax.scatter(r["score"], y, color=colour, marker="D" if r["label"] == reference else "o", s=28, zorder=3,
+                   edgecolor="black" if r["label"] == reference else colour, linewidth=0.8)
+    if rows and _finite(rows[-1].get("lo")):
+        ax.axvline(rows[-1]["lo"], color="crimson", linestyle=":", linewidth=0.9)
+    ax.set_yticks(range(len(rows)), [r["label"] + (" (reference)" if r["label"] == reference else "")
+                                     for r in rows], fontsize=7)
+    ax.set_xlabel("test score with 95% CI (bootstrap over test subjects)")
+    ax.set_title("Cells by test score: best (red), cannot be told apart from it (orange), the rest (grey)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
 
 
 def plot_heatmap(values: dict[tuple[str, str], float], methods: list[str], strategies: list[str], title: str,
-                 path: Path) -> Path:
-    """A pre-training method (rows) x strategy (columns) heatmap; missing cells are grey."""
+                 path: Path, intervals: dict[tuple[str, str], tuple[float, float]] | None = None,
+                 tied: set[tuple[str, str]] | None = None) -> Path:
+    """A pre-training method (rows) x strategy (columns) heatmap with each cell's 95% interval written
+    under its value; the cells that cannot be told apart from the best are framed; missing ones are grey."""
+    intervals, tied = intervals or {}, tied or set()
     grid = np.full((len(methods), len(strategies)), np.nan)
     for (m, s), v in values.items():
         if m in methods and s in strategies and _finite(v):
             grid[methods.index(m), strategies.index(s)] = v
-    fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(strategies), 1.6 + 0.55 * len(methods)))
+    fig, ax = plt.subplots(figsize=(2.6 + 1.05 * len(strategies), 1.6 + 0.7 * len(methods)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for (r, c), v in np.ndenumerate(grid):
-        ax.text(c, r, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+        key = (methods[r], strategies[c])
+        text = "–" if np.isnan(v) else f"{v:.2f}"
+        lo, hi = intervals.get(key, (math.nan, math.nan))
+        if _finite(lo) and _finite(hi):
+            text += f"\n[{lo:.2f}, {hi:.2f}]"
+        ax.text(c, r, text, ha="center", va="center", fontsize=6.5,
                 color="black" if np.isnan(v) or v > 0.6 else "white")
+        if key in tied:
+            ax.add_patch(matplotlib.patches.Rectangle((c - 0.48, r - 0.48), 0.96, 0.96, fill=False,
+                                                      edgecolor="darkorange", linewidth=2.2))
     ax.set_xticks(range(len(strategies)), strategies, rotation=45, ha="right")
     ax.set_yticks(range(len(methods)), methods)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + " (framed: cannot be told apart from the best)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
 

@@ -28,7 +28,7 @@ from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 
 COLUMNS = {  # MLflow metric -> (heading, format)
-    "test_accuracy": ("accuracy", "{:.3f}"), "test_auc": ("AUC", "{:.3f}"), "test_dice": ("Dice", "{:.3f}"),
+    "test_score": ("test score", "{:.3f}"), "test_accuracy": ("accuracy", "{:.3f}"), "test_auc": ("AUC", "{:.3f}"), "test_dice": ("Dice", "{:.3f}"),
     "test_hd95": ("HD95 mm", "{:.1f}"), "time_per_epoch_s": ("s/epoch", "{:.2f}"),
     "peak_memory_mb": ("peak MB", "{:.0f}"), "trainable_fraction": ("trainable %", "{:.2f}"),
     "task_storage_bytes": ("storage", "{}"),
@@ -50,6 +50,11 @@ class CellResult:
     counts: dict[str, int] = field(default_factory=dict)
     registered: str | None = None
     version: int | None = None
+    cases: list = field(default_factory=list)  # stats.Cases of the best run and its seed re-runs
+
+    @property
+    def runs(self) -> list:
+        return [self.best, *self.seed_runs] if self.best is not None else []
 
     def values(self, key: str) -> list[float]:
         runs = [self.best, *self.seed_runs] if self.best is not None else []
@@ -85,6 +90,8 @@ class Study:
     client: object
     cells: list[CellResult]
     failed: list[dict]
+    pretrain_runs: list = field(default_factory=list)
+    comparison: object | None = None  # stats.Comparison
 
 
 def _fmt(key: str, scale: float | None = None):
@@ -169,7 +176,51 @@ def load_study(folder: str | Path) -> Study:
     if not any(c.best for c in cells.values()):
         raise StudyInputError(f"{folder}: no finished fine-tuning trial in {uri}; nothing to report "
                               f"({len(runs)} trial run(s), {len(failed)} failed)")
-    return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed)
+    for cell in cells.values():
+        cell.cases = [c for c in (load_cases(client, r.info.run_id) for r in cell.runs) if c is not None]
+    pretrain_runs = [r for r in runs if r.data.tags.get("stage") == "pretrain" and r.info.status == "FINISHED"]
+    return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed, pretrain_runs)
+
+
+def load_cases(client, run_id: str):
+    """A run's per-case test results (the ``test_cases.json`` table artifact) as :class:`study.stats.Cases`,
+    or None for a run that has none (a study from before per-case results, or a failed upload)."""
+    import os
+    import tempfile
+
+    from study.stats import Cases
+    from study.tracking import TEST_CASES_FILE
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, TEST_CASES_FILE, tmp)
+            table = json.loads(Path(path).read_text())
+        except Exception:  # noqa: BLE001 - no such artifact, or an unreadable one: the cell has no cases
+            return None
+    columns = table.get("columns", [])
+    rows = [dict(zip(columns, row, strict=False)) for row in table.get("data", [])]
+    return Cases.from_rows(rows) if rows else None
+
+
+def reference_cell(study: Study) -> str | None:
+    """The cell the others are compared with: ``--reference`` if given, else the from-scratch baseline
+    ``none__full__<first backbone>`` when the study has it."""
+    wanted = study.args.get("reference")
+    ids = [c.id for c in study.cells]
+    if wanted:
+        return wanted if wanted in ids else None
+    backbone = next((c.backbone for c in study.cells), "")
+    return f"none__full__{backbone}" if f"none__full__{backbone}" in ids else None
+
+
+def compare_cells(study: Study):
+    """The statistics of :mod:`study.stats` over the cells with per-case results (stored on the study)."""
+    from study import stats
+
+    study.comparison = stats.compare({c.id: c.cases for c in study.cells if c.best is not None},
+                                     reference=reference_cell(study), seed=int(study.plan.get("seed") or 0))
+    return study.comparison
 
 
 def best_params(run) -> dict:
@@ -249,19 +300,32 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
     from study.searcher import optuna_storage
 
     done = [c for c in study.cells if c.best is not None]
-    points = [{"label": c.id, "pretrain": c.pretrain, "strategy": c.strategy, "accuracy": c.stat("test_accuracy")[0],
-               "memory": c.stat("peak_memory_mb")[0], "time": c.stat("time_per_epoch_s")[0]} for c in done]
-    figures = [("Accuracy vs peak memory", plots.plot_tradeoff(points, "memory", "peak memory (MB)",
-                                                               out / "pareto_memory.png")),
-               ("Accuracy vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",
-                                                                  out / "pareto_time.png"))]
+    comparison = study.comparison if study.comparison is not None else compare_cells(study)
+    cis = {c: (s.ci["score"], s.indistinguishable_from_best) for c, s in comparison.cells.items()}
+
+    def score_point(c: CellResult) -> dict:
+        (lo, hi), tied = cis.get(c.id, ((math.nan, math.nan), False))
+        estimate = comparison.cells[c.id].estimate["score"] if c.id in comparison.cells else c.stat("test_score")[0]
+        return {"label": c.id, "pretrain": c.pretrain, "strategy": c.strategy, "score": estimate, "lo": lo,
+                "hi": hi, "tied": tied, "memory": c.stat("peak_memory_mb")[0], "time": c.stat("time_per_epoch_s")[0]}
+
+    points = [score_point(c) for c in done]
+    figures = [("Cells by test score with 95% confidence intervals (forest plot)",
+                plots.plot_forest(points, out / "forest.png", reference=comparison.reference)),
+               ("Test score vs peak memory", plots.plot_tradeoff(points, "memory", "peak memory (MB)",
+                                                                 out / "pareto_memory.png")),
+               ("Test score vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",
+                                                                    out / "pareto_time.png"))]
     for backbone in dict.fromkeys(c.backbone for c in study.cells):
-        mine = [c for c in study.cells if c.backbone == backbone]
-        values = {(c.pretrain, c.strategy): c.stat("test_accuracy")[0] for c in mine}
-        path = plots.plot_heatmap(values, list(dict.fromkeys(c.pretrain for c in mine)),
-                                  list(dict.fromkeys(c.strategy for c in mine)),
-                                  f"test accuracy, {backbone}", out / f"heatmap_{backbone}.png")
-        figures.append((f"Test accuracy, method x strategy ({backbone})", path))
+        mine = [score_point(c) | {"key": (c.pretrain, c.strategy)} for c in done if c.backbone == backbone]
+        cells_here = [c for c in study.cells if c.backbone == backbone]
+        path = plots.plot_heatmap({p["key"]: p["score"] for p in mine},
+                                  list(dict.fromkeys(c.pretrain for c in cells_here)),
+                                  list(dict.fromkeys(c.strategy for c in cells_here)),
+                                  f"test score, {backbone}", out / f"heatmap_{backbone}.png",
+                                  intervals={p["key"]: (p["lo"], p["hi"]) for p in mine},
+                                  tied={p["key"] for p in mine if p["tied"]})
+        figures.append((f"Test score with 95% CI, method x strategy ({backbone})", path))
     curves = {c.id: [(m.step, m.value) for m in study.client.get_metric_history(c.best.info.run_id, "score")]
               for c in done}
     figures.append(("Learning curves (validation score)", plots.plot_learning_curves(curves, out / "curves.png")))
@@ -298,8 +362,33 @@ def summary(study: Study) -> dict:
             entry["stats"] = {k: dict(zip(("mean", "std", "n"), c.stat(k), strict=True)) for k in COLUMNS}
             entry["params"] = best_params(c.best)
         cells.append(entry)
+    comparison = study.comparison if study.comparison is not None else compare_cells(study)
+    for entry in cells:
+        stat = comparison.cells.get(entry["cell"])
+        if stat is not None:
+            entry["statistics"] = {
+                "estimate": stat.estimate, "ci": {k: list(v) for k, v in stat.ci.items()}, "runs": stat.runs,
+                "p_best": stat.p_best, "indistinguishable_from_best": stat.indistinguishable_from_best,
+                "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()},
+                "wilcoxon_p": stat.wilcoxon_p, "holm_p": stat.holm_p}
+    from study.verdict import claims, verdict
+
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
-            "tracking_uri": study.tracking_uri, "cells": cells, "failed": study.failed}
+            "tracking_uri": study.tracking_uri,
+            "verdict": {"text": verdict(comparison), "best": comparison.best, "reference": comparison.reference,
+                        "indistinguishable_from_best": comparison.tied_with_best(),
+                        "test_subjects": len(comparison.subjects), "resamples": comparison.resamples,
+                        "confidence": comparison.confidence, "seeds_resampled": comparison.seeds_resampled,
+                        "too_small_to_separate": comparison.too_small(),
+                        "typical_ci_half_width": comparison.typical_half_width(),
+                        "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
+            "claims": claims(comparison, study.cells, study.pretrain_runs),
+            "cells": cells, "failed": study.failed}
+
+
+def _listed(d: dict) -> dict:
+    """A difference entry with its interval as a list (JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _finite(value: object) -> object:
@@ -319,11 +408,19 @@ def strict_json(data: object) -> str:
     return json.dumps(_finite(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False)
 
 
-def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow: bool = True) -> Path:
-    """Write ``<output_dir>/report/`` (see the module docstring); returns that folder."""
+def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow: bool = True,
+                 reference: str | None = None) -> Path:
+    """Write ``<output_dir>/report/`` (see the module docstring); returns that folder. ``reference``: the
+    cell the others are compared with (default: the study's ``--reference``, else ``none__full__<backbone>``)."""
     from study.report_render import render_html, render_markdown
 
     study = load_study(output_dir)
+    if reference:
+        if reference not in {c.id for c in study.cells}:
+            raise StudyInputError(f"--reference {reference!r} is not a cell of the study in {study.folder}; its "
+                                  f"cells: {', '.join(c.id for c in study.cells[:20])}")
+        study.args = {**study.args, "reference": reference}
+    compare_cells(study)
     out = study.folder / "report"
     out.mkdir(exist_ok=True)
     notes = register_models(study) if register else []
@@ -332,8 +429,10 @@ def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow
     data = summary(study)
     data["notes"], data["importance_notes"] = notes, importance_notes
     atomic_write_text(out / "report.json", strict_json(data))
-    atomic_write_text(out / "report.md", render_markdown(study, figures, importance, importance_notes, notes, configs, out))
-    atomic_write_text(out / "report.html", render_html(study, figures, importance, importance_notes, notes, configs))
+    atomic_write_text(out / "report.md", render_markdown(study, data, figures, importance, importance_notes, notes,
+                                                         configs, out))
+    atomic_write_text(out / "report.html", render_html(study, data, figures, importance, importance_notes, notes,
+                                                       configs))
     if log_to_mlflow:
         study.client.log_artifacts(study.parent_run_id, str(out), "report")
     return out
@@ -343,10 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="the study folder (python -m study.launch --output DIR)")
     parser.add_argument("--no-register", action="store_true", help="do not register the best models in MLflow")
+    parser.add_argument("--reference", metavar="CELL", help="compare every cell with this one (default: the "
+                        "study's --reference, else none__full__<backbone>)")
     args = parser.parse_args(argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
-        out = write_report(args.folder, register=not args.no_register)
+        out = write_report(args.folder, register=not args.no_register, reference=args.reference)
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;colo
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;
 text-align:left;vertical-align:top}th{background:#eef}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 figure{margin:1em 0}figcaption{font-size:13px;color:#555}pre{background:#f6f6f6;padding:1em;overflow-x:auto}
-.muted{color:#777}"""
+.muted{color:#777}#verdict{border:2px solid #446;padding:.2em 1em;background:#f7f8ff}
+.verdict{font-size:15px;line-height:1.45}.warning{font-size:15px;color:#8a1c00;font-weight:600}"""
 # Sets body[data-images] to "loaded" when every <img> decoded (naturalWidth > 0), else "broken: N".
 _SCRIPT = """window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);
 var bad=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0)});
@@ -63,6 +64,40 @@ def _long_rows(study: Study) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _ci_text(stats: dict, metric: str) -> str:
+    lo, hi = stats["ci"][metric]
+    est = stats["estimate"][metric]
+    if est is None:
+        return "–"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{est:.3f}"
+
+
+def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
+    """Cells by test score with intervals, P(best), the paired difference from the reference and its p."""
+    head = ["cell", "test score [95% CI]", "Dice [95% CI]", "AUC [95% CI]", "P(best)", "cannot be told apart from best",
+            "Δ score vs reference [95% CI]", "Wilcoxon p (Holm)"]
+    rows = []
+    ranked = sorted((c for c in data["cells"] if c.get("statistics")),
+                    key=lambda c: -(c["statistics"]["estimate"]["score"] or 0))
+    for c in ranked:
+        st = c["statistics"]
+        ref = st["vs_reference"].get("score")
+        if ref:
+            lo, hi = ref["ci"]
+            delta = f"{ref['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{ref['difference']:+.3f}"
+        else:
+            delta = "reference" if c["cell"] == data["verdict"]["reference"] else "–"
+        p = st["wilcoxon_p"]
+        ptxt = "–" if p is None else f"{p:.3g} ({st['holm_p']:.3g})"
+        rows.append([c["cell"], _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
+                     f"{st['p_best']:.2f}", "yes" if st["indistinguishable_from_best"] else "no", delta, ptxt])
+    return head, rows
+
+
+def _claim_rows(data: dict) -> list[list[str]]:
+    return [[c["claim"], c["status"], c["evidence"]] for c in data["claims"]]
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|")
@@ -71,17 +106,24 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows] + [""]
 
 
-def render_markdown(study: Study, figures: list[tuple[str, Path]], importance: dict[str, Path],
+def render_markdown(study: Study, data: dict, figures: list[tuple[str, Path]], importance: dict[str, Path],
                     importance_notes: list[str], notes: list[str], configs: Path, out: Path) -> str:
-    """``report.md``; image links are relative to ``out`` (the report folder)."""
-    md = [f"# Study report: {study.experiment}", "", *(f"- {line}" for line in _heading(study)), ""]
+    """``report.md``: the verdict first, then the evidence; image links are relative to ``out``."""
+    md = [f"# Study report: {study.experiment}", "", "## Verdict", ""]
+    md += [line + "\n" for line in data["verdict"]["text"]]
+    forest, rest = figures[0], figures[1:]
+    md += [f"![{forest[0]}]({forest[1].relative_to(out).as_posix()})", ""]
+    md += ["## Ranking with confidence intervals", ""] + _md_table(*_ranking(data))
+    md += ["## The source study's findings, tested", ""]
+    md += _md_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data))
+    md += ["## The study", "", *(f"- {line}" for line in _heading(study)), ""]
     for backbone in dict.fromkeys(c.backbone for c in study.cells):
         methods, strategies, body = _pivot(study, backbone)
         md += [f"## Backbone {backbone}", ""]
         md += _md_table(["pre-training \\ strategy", *strategies],
                         [[m, *("<br>".join(body.get((m, s), ["–"])) for s in strategies)] for m in methods])
     md += ["## All cells", ""] + _md_table(*_long_rows(study))
-    md += ["## Figures", ""] + [f"![{t}]({p.relative_to(out).as_posix()})\n" for t, p in figures]
+    md += ["## Figures", ""] + [f"![{t}]({p.relative_to(out).as_posix()})\n" for t, p in rest]
     md += ["## Hyperparameter importances (PED-ANOVA)", ""]
     md += [f"![{c}]({p.relative_to(out).as_posix()})\n" for c, p in importance.items()]
     md += [f"- {n}" for n in importance_notes] + [""]
@@ -111,12 +153,20 @@ def _img(title: str, path: Path) -> str:
             f"<figcaption>{html.escape(title)}</figcaption></figure>")
 
 
-def render_html(study: Study, figures: list[tuple[str, Path]], importance: dict[str, Path],
+def render_html(study: Study, data: dict, figures: list[tuple[str, Path]], importance: dict[str, Path],
                 importance_notes: list[str], notes: list[str], configs: Path) -> str:
-    """``report.html``: the same content as the markdown, with every image embedded."""
+    """``report.html``: the same content as the markdown, verdict first, every image embedded."""
     title = f"Study report: {study.experiment}"
-    parts = [f"<h1>{html.escape(title)}</h1><ul>"
-             + "".join(f"<li>{html.escape(x)}</li>" for x in _heading(study)) + "</ul>",
+    forest, rest = figures[0], figures[1:]
+    warning = [x for x in data["verdict"]["text"] if x.startswith("Warning:")]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             '<section id="verdict"><h2>Verdict</h2>'
+             + "".join(f'<p class="{"warning" if x in warning else "verdict"}">{html.escape(x)}</p>'
+                       for x in data["verdict"]["text"]) + _img(forest[0], forest[1]) + "</section>",
+             "<h2>Ranking with confidence intervals</h2>" + _html_table(*_ranking(data)),
+             "<h2>The source study's findings, tested</h2>"
+             + _html_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data)),
+             "<h2>The study</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _heading(study)) + "</ul>",
              '<p id="image-status" class="muted"></p>']
     for backbone in dict.fromkeys(c.backbone for c in study.cells):
         methods, strategies, body = _pivot(study, backbone)
@@ -125,7 +175,7 @@ def render_html(study: Study, figures: list[tuple[str, Path]], importance: dict[
         parts.append(f"<h2>Backbone {html.escape(backbone)}</h2>"
                      + _html_table(["pre-training \\ strategy", *strategies], rows, raw=True))
     parts.append("<h2>All cells</h2>" + _html_table(*_long_rows(study)))
-    parts.append("<h2>Figures</h2>" + "".join(_img(t, p) for t, p in figures))
+    parts.append("<h2>Figures</h2>" + "".join(_img(t, p) for t, p in rest))
     parts.append("<h2>Hyperparameter importances (PED-ANOVA)</h2>"
                  + "".join(_img(c, p) for c, p in importance.items())
                  + "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in importance_notes) + "</ul>")

@@ -19,7 +19,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from search_spaces import FINETUNE_SPACES
-from search_spaces.finetune import train_space
+from search_spaces.finetune import TRAIN_DEFAULTS, train_space
 from study.grid import Cell, StudyPlan
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
@@ -122,10 +122,13 @@ class StudySearcher(Searcher):
             # each cell its own sampler seed, so that cells do not all start from the same first trial
             cell_seed = (self.plan.seed * 1_000_003 + zlib.crc32(cell_id.encode())) % 2**31
             sampler = optuna.samplers.TPESampler(seed=cell_seed, n_startup_trials=max(2, self.plan.num_samples // 3))
-            self._studies[cell_id] = optuna.create_study(
+            study = optuna.create_study(
                 study_name=f"{self.study_name}/{cell_id}", storage=self._storage, sampler=sampler,
                 direction="maximize", load_if_exists=True,
             )
+            if not study.trials:  # a new study starts from the training defaults (not on --resume)
+                study.enqueue_trial(TRAIN_DEFAULTS, skip_if_exists=True)
+            self._studies[cell_id] = study
         return self._studies[cell_id]
 
     # -- Searcher API -----------------------------------------------------------------------------

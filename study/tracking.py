@@ -31,7 +31,7 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Final metrics every fine-tuning run carries (so the compare view lines trials up).
 FINAL_METRICS = (
-    "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_total_s", "time_per_epoch_s",
+    "test_score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_total_s", "time_per_epoch_s",
     "peak_memory_mb", "trainable_params", "trainable_fraction", "task_storage_bytes",
 )
 _SECRET = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
@@ -284,6 +284,7 @@ class MLflowTrialCallback(Callback):
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         tags += [RunTag(k, str(result[k])) for k in (*RESULT_TAGS, "hostname") if result.get(k) is not None]
+        cases = result.get(TEST_CASES)
 
         def op() -> None:
             run_id = self._run_for(trial)
@@ -291,6 +292,8 @@ class MLflowTrialCallback(Callback):
                 return  # an epoch a retried or resumed trial reports again (it restarted before it)
             for i in range(0, len(metrics), 500):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
+            if cases:  # the test evaluation, one row per (subject, hemisphere): an MLflow table artifact
+                self.client.log_table(run_id, data=cases_to_columns(cases), artifact_file=TEST_CASES_FILE)
             self.logged[trial.trial_id] = step
 
         self._submit(f"epoch {step} of trial {trial.trial_id}", op)
@@ -318,6 +321,17 @@ class MLflowTrialCallback(Callback):
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         self.client.set_terminated(run_id, status=status)
+
+
+# The per-case test results a fine-tuning trial reports with its last epoch, and the artifact they become.
+TEST_CASES = "test_cases"
+TEST_CASES_FILE = "test_cases.json"
+
+
+def cases_to_columns(rows: list[dict]) -> dict[str, list]:
+    """Rows (dicts with the same keys) -> columns, the shape ``MlflowClient.log_table`` takes."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}
 
 
 # Text results a trial reports, kept as run tags: where its files are and which weights it started from.

@@ -57,6 +57,29 @@ def test_split_sizes_at_least_two_each(n: int) -> None:
     assert sum(sizes.values()) == n and min(sizes.values()) >= 2
 
 
+def test_explicit_splits_resplit_reusing_the_voxels(tiny_cohort: Path, tiny_cohort_params: dict, tmp_path: Path) -> None:
+    """``splits`` sets each split's size; re-splitting the same cohort rewrites the manifest (and writes the
+    labels a subject now needs) but keeps every image's voxels, which depend on the subject's index only."""
+    import shutil
+
+    copy = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort.parent, copy, ignore=shutil.ignore_patterns(".cache"))
+    before = {r["subject_id"]: r for r in _rows(copy / "manifest.csv")}
+    sizes = {"pretrain": 2, "train": 2, "val": 3, "test": 5}
+    manifest = generate_cohort(copy, seed=tiny_cohort_params["seed"], spacing=tiny_cohort_params["spacing"],
+                               difficulty=tiny_cohort_params["difficulty"], splits=sizes)
+    rows = _rows(manifest)
+    assert {s: sum(r["split"] == s for r in rows) for s in sizes} == sizes
+    for row in rows:
+        assert row["sha256"] == before[row["subject_id"]]["sha256"]  # the same image
+        if row["split"] != "pretrain":
+            assert (copy / row["label"]).is_file()
+    with pytest.raises(StudyInputError, match="splits.val must be an integer >= 2"):
+        generate_cohort(copy, splits={"pretrain": 2, "train": 2, "val": 1, "test": 5})
+    with pytest.raises(StudyInputError, match="splits must give the number of subjects of each of"):
+        generate_cohort(copy, splits={"train": 2})
+
+
 def test_same_seed_same_voxels_other_seed_differs(tiny_cohort: Path, tiny_cohort_params: dict, tmp_path: Path) -> None:
     again = generate_cohort(tmp_path / "again", **tiny_cohort_params)
     assert again.read_text() == tiny_cohort.read_text()

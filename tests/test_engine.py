@@ -7,7 +7,7 @@ import torch
 from conftest import wait_for
 
 from trainables.backbones import BackboneConfig, build_backbone
-from trainables.engine import NonFiniteLossError, TrainConfig, fit, make_optimizer
+from trainables.engine import MultiTaskLoss, NonFiniteLossError, TrainConfig, fit, make_optimizer, train_epoch
 from trainables.errors import StudyInputError
 
 
@@ -99,3 +99,25 @@ def test_learning_rates_per_part() -> None:
 def test_bad_train_config() -> None:
     with pytest.raises(StudyInputError, match="lr_encoder"):
         TrainConfig(lr_encoder=5.0)
+
+
+def test_cpu_peak_tensor_memory_ranks_linear_probe_below_full_fine_tuning() -> None:
+    """On a CPU the peak memory is the profiled tensor memory of a training step, not the process's RSS
+    (imported libraries): a linear probe (no gradients or optimiser state for the body, no activations kept
+    for its backward) needs less than half of full fine-tuning, which needs at least its weights, their
+    gradients and AdamW's two moments (4 x the parameter bytes)."""
+    from trainables.finetune import STRATEGIES
+
+    def peak(strategy: str) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = build_backbone(BackboneConfig("segresnet", width=8))
+        spec = STRATEGIES.get(strategy)
+        model = spec.apply(model, spec.make_config({}))
+        row = train_epoch(model, _batches(1, 0), make_optimizer(model, TrainConfig()), MultiTaskLoss(),
+                          torch.device("cpu"), measure_memory=True)
+        return row["tensor_peak_mb"], sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+    full, weights = peak("full")
+    linear, _ = peak("linear")
+    assert full >= 4 * weights, (full, weights)
+    assert 2 * linear <= full, (linear, full)

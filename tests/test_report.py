@@ -253,6 +253,39 @@ def test_html_renders_tables_and_every_image_in_chromium(study, chromium, tmp_pa
     assert float(pixels.std()) > 0.05  # not a blank page
 
 
+def test_report_leads_with_the_verdict_and_carries_intervals_for_every_cell(study) -> None:
+    """The first section is the verdict (best cell with its interval, the reference, what it cannot be told
+    apart from) and the forest plot; report.json has the statistics of every cell with a finished trial."""
+    data, report = study["data"], study["report"]
+    verdict = data["verdict"]
+    assert verdict["best"] in {c["cell"] for c in data["cells"]}
+    assert verdict["reference"] == "none__full__segresnet"
+    assert verdict["text"][0].startswith(f"Best cell: {verdict['best']}, test score ")
+    assert verdict["best"] in verdict["indistinguishable_from_best"]
+    subjects = verdict["test_subjects"]
+    assert subjects == 2  # the tiny cohort's test split: far too small, and the report says so
+    assert verdict["too_small_to_separate"] and any(t.startswith("Warning: the test split") for t in verdict["text"])
+    finished = [c for c in data["cells"] if c["best_run_id"]]
+    assert finished and all("statistics" in c for c in finished)
+    for c in finished:
+        st = c["statistics"]
+        for metric in ("score", "dice"):
+            lo, hi = st["ci"][metric]
+            assert lo <= st["estimate"][metric] <= hi, (c["cell"], metric)
+        assert st["runs"] == 2  # the best trial and its seed re-run, resampled together
+        if c["cell"] != verdict["reference"]:
+            assert set(st["vs_reference"]) == {"score", "dice", "auc"} and st["holm_p"] >= st["wilcoxon_p"]
+    assert sum(c["statistics"]["p_best"] for c in finished) == pytest.approx(1.0)
+    assert [c["claim"] for c in data["claims"]][3] == "LoRA is weaker on this small-region task"
+    assert all(c["status"] in ("supported", "contradicted", "not resolved", "not tested") for c in data["claims"])
+    html = (report / "report.html").read_text()
+    first = html.index('<section id="verdict">')
+    assert first < html.index("<h2>Ranking with confidence intervals") < html.index("<h2>The study</h2>")
+    assert "forest plot" in html[first:html.index("</section>")] and (report / "plots" / "forest.png").is_file()
+    md = (report / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## Ranking") < md.index("## The source study's findings, tested")
+
+
 def test_terminal_shows_the_live_table_once_and_none_of_rays_console_output(study) -> None:
     """The screen of the study run in a terminal: the study's live table drawn once, counts that add up, an
     ETA that is a duration; Ray's and Tune's own console output is in study.log, not on the screen."""

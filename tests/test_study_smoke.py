@@ -121,6 +121,33 @@ def test_top_and_lora_trained_only_what_they_should(smoke_study) -> None:
     assert lora.metrics["trainable_fraction"] < 0.5
 
 
+def test_every_finetuning_run_has_its_per_case_table_and_it_recomputes_the_test_metrics(smoke_study) -> None:
+    """``test_cases.json`` (an MLflow table): one row per test subject and hemisphere; the test Dice, AUC and
+    score recomputed from it, independently of the trial's code, equal the logged metrics."""
+    from sklearn.metrics import roc_auc_score
+
+    client = smoke_study.tracker.client
+    runs = [r for r in smoke_study.tracker.child_runs() if r.data.tags["stage"] == "finetune"]
+    assert runs
+    for run in runs:
+        path = client.download_artifacts(run.info.run_id, "test_cases.json")
+        table = json.loads(open(path).read())
+        rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+        test_subjects = {r["subject_id"] for r in rows}
+        assert len(rows) == 2 * len(test_subjects) and {r["hemisphere"] for r in rows} == {"left", "right"}
+        m = run.data.metrics
+        dice = sum(r["dice"] for r in rows) / len(rows)
+        assert dice == pytest.approx(m["test_dice"], abs=1e-6), run.data.tags["cell"]
+        truth = [r["truth"] for r in rows]
+        prob = [r["probability"] for r in rows]
+        if 0 < sum(truth) < len(truth):
+            assert roc_auc_score(truth, prob) == pytest.approx(m["test_auc"], abs=1e-6)
+        pos = [p >= 0.5 for p, t in zip(prob, truth, strict=True) if t]
+        neg = [p < 0.5 for p, t in zip(prob, truth, strict=True) if not t]
+        balanced = ((sum(pos) / len(pos) if pos else 0.0) + (sum(neg) / len(neg) if neg else 0.0)) / 2
+        assert (dice + balanced) / 2 == pytest.approx(m["test_score"], abs=1e-6)
+
+
 def test_study_folder_holds_journal_and_mlflow(smoke_study) -> None:
     out = smoke_study.output
     assert (out / "mlflow.db").exists() and (out / "optuna.journal").exists()

@@ -22,7 +22,7 @@ from torch import nn
 
 from trainables.backbones import MultiTaskNet, count_parameters
 from trainables.errors import StudyInputError
-from trainables.metrics import classification_metrics, segmentation_metrics, selection_score
+from trainables.metrics import classification_metrics, per_case_rows, segmentation_metrics, selection_score
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,7 +98,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 class PeakMemory:
     """Peak memory since :meth:`reset`: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the
     process's resident set size, sampled every ``interval`` seconds by a background thread (so a
-    trial in a reused worker process measures its own peak, not the process's lifetime peak)."""
+    trial in a reused worker process measures its own peak, not the process's lifetime peak).
+
+    The resident set size includes the process's imported libraries (about 0.6 GB with torch and MONAI),
+    so it cannot rank strategies on a CPU; the fine-tuning loop reports the peak tensor memory of a
+    training step there (:func:`step_tensor_peak_mb`) and keeps this figure as ``peak_rss_mb``.
+    """
 
     def __init__(self, device: torch.device, interval: float = 0.02) -> None:
         self.device, self.interval = device, interval
@@ -114,18 +119,21 @@ class PeakMemory:
     def reset(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return self
         self._peak = self._proc.memory_info().rss
         if self._thread is None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
+    def rss_mb(self) -> float:
+        """The peak resident set size of the process since :meth:`reset`, in MB."""
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        return self._peak / 2**20
+
     def mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        self._peak = max(self._peak, self._proc.memory_info().rss)
-        return self._peak / 2**20
+        return self.rss_mb()
 
     def close(self) -> None:
         self._stop.set()
@@ -136,6 +144,54 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def _tensor_bytes(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes of the distinct tensors a training step starts with: parameters, buffers, gradients and
+    optimiser state (shared storages counted once)."""
+    seen: dict[int, int] = {}
+
+    def add(t: object) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    for module in modules:
+        for p in module.parameters():
+            add(p)
+            add(p.grad)
+        for b in module.buffers():
+            add(b)
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                add(value)
+    return sum(seen.values())
+
+
+def step_tensor_peak_mb(step: Callable[[], object], modules: Iterable[nn.Module],
+                        optimizers: Iterable[torch.optim.Optimizer]) -> tuple[object, float]:
+    """Run ``step`` once under torch.profiler's CPU memory profiling; returns its result and the peak of
+    live tensor memory in MB: the tensors it starts with (:func:`_tensor_bytes`) plus the highest running
+    sum of the allocations and frees the profiler recorded during the step (activations kept for
+    backward, gradients, optimiser state created at the first step, temporaries). Unlike the process's
+    resident set size, which is dominated by imported libraries, this ranks what strategies cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    modules, optimizers = list(modules), list(optimizers)
+    before = _tensor_bytes(modules, optimizers)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+    events = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if events is None:
+        return result, float("nan")
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events.events()
+                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    running = peak = 0
+    for _, nbytes in changes:
+        running += nbytes
+        peak = max(peak, running)
+    return result, (before + peak) / 2**20
 
 
 def _part_of(name: str) -> str:
@@ -184,23 +240,35 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     loss_fn: MultiTaskLoss,
     device: torch.device,
+    measure_memory: bool = False,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean losses, wall time, data-wait time and volumes/s."""
+    """One pass over ``loader``; returns mean losses, wall time, data-wait time and volumes/s, and with
+    ``measure_memory`` (CPU) ``tensor_peak_mb``: the peak tensor memory of the first step
+    (:func:`step_tensor_peak_mb`)."""
     model.train()
     totals: dict[str, float] = {}
     n_batches = n_volumes = 0
     wait = 0.0
+    measured: dict[str, float] = {}
     start = tick = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - tick
         batch = _to(batch, device)
-        losses = loss_fn(model(batch["image"]), batch)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss is {loss.item()} at batch {n_batches}: the trial diverged")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+        def step(batch=batch, index=n_batches) -> dict[str, torch.Tensor]:
+            losses = loss_fn(model(batch["image"]), batch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"training loss is {loss.item()} at batch {index}: the trial diverged")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return losses
+
+        if measure_memory and n_batches == 0:
+            losses, measured["tensor_peak_mb"] = step_tensor_peak_mb(step, [model, loss_fn], [optimizer])
+        else:
+            losses = step()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
         n_batches += 1
@@ -212,15 +280,15 @@ def train_epoch(
     if n_batches == 0:
         raise StudyInputError("the training split produced no batches: it is empty or smaller than the batch size")
     out = {f"train_{k}": v / n_batches for k, v in totals.items()}
-    out.update(epoch_time_s=elapsed, data_wait_s=wait, volumes_per_s=n_volumes / max(elapsed, 1e-9))
+    out.update(epoch_time_s=elapsed, data_wait_s=wait, volumes_per_s=n_volumes / max(elapsed, 1e-9), **measured)
     return out
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """Concatenated outputs and targets over ``loader`` (on the CPU)."""
+def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, object]:
+    """Concatenated outputs and targets over ``loader`` (on the CPU), with the subject ids in order."""
     model.eval()
-    seg, cls, labels, targets = [], [], [], []
+    seg, cls, labels, targets, ids = [], [], [], [], []
     for batch in loader:
         b = _to(batch, device)
         out = model(b["image"])
@@ -228,18 +296,32 @@ def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> d
         cls.append(out["cls"].float().cpu())
         labels.append(batch["label"])
         targets.append(batch["cls"])
-    return {"seg": torch.cat(seg), "cls": torch.cat(cls), "label": torch.cat(labels), "target": torch.cat(targets)}
+        ids.extend(batch.get("subject_id") or [f"case-{len(ids) + i}" for i in range(len(batch["cls"]))])
+    return {"seg": torch.cat(seg), "cls": torch.cat(cls), "label": torch.cat(labels), "target": torch.cat(targets),
+            "subject_id": ids}
 
 
-def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float) -> dict[str, float]:
-    """Dice, HD95, accuracy, AUC, F1, sensitivity, specificity, loss and the selection score."""
-    p = predict(model, loader, device)
+def _metrics(p: dict, spacing_mm: float) -> dict[str, float]:
     metrics = segmentation_metrics(p["seg"], p["label"], spacing_mm)
     metrics.update(classification_metrics(p["cls"], p["target"]))
     loss = MultiTaskLoss()({"seg": p["seg"], "cls": p["cls"]}, {"label": p["label"], "cls": p["target"]})
     metrics["loss"] = float(loss["loss"])
     metrics["score"] = selection_score(metrics)
     return metrics
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float) -> dict[str, float]:
+    """Dice, HD95, accuracy, AUC, F1, sensitivity, specificity, loss and the selection score."""
+    return _metrics(predict(model, loader, device), spacing_mm)
+
+
+def evaluate_cases(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float
+                   ) -> tuple[dict[str, float], list[dict]]:
+    """:func:`evaluate`'s metrics and, from the same predictions, one row per (subject, hemisphere)
+    (:func:`trainables.metrics.per_case_rows`)."""
+    p = predict(model, loader, device)
+    rows = per_case_rows(p["subject_id"], p["seg"], p["label"], p["cls"], p["target"], spacing_mm)
+    return _metrics(p, spacing_mm), rows
 
 
 @dataclass
@@ -264,8 +346,9 @@ def fit(
     ``score`` (validation selection score), time and memory, and a function returning the resumable
     state (trained parameters, optimiser state, epoch, history); the Ray adapter reports the metrics
     to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
-    continues after its epoch. At the end the test split (if given) is evaluated once and ``test_*``
-    metrics are added to ``final``.
+    continues after its epoch. After the last epoch the model is given the weights of its epoch with the
+    best validation score (``best_epoch``; the last report's ``score`` is that epoch's), then the test split
+    (if given) is evaluated once: ``test_*`` metrics and ``test_cases``, one row per subject and hemisphere.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -285,29 +368,49 @@ def fit(
         first_epoch = int(resume["epoch"]) + 1
         elapsed_before = history[-1]["time_total_s"] if history else 0.0
 
+    # the weights of the epoch with the best validation score: the trial's test results and model are theirs
+    best: dict = {"score": float("-inf"), "epoch": 0, "state": None}
+    if resume is not None and resume.get("best") is not None:
+        best = dict(resume["best"])
+
     def state() -> dict:
         trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
         return {"trained": trained, "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
-                "history": list(history)}
+                "history": list(history), "best": best}
 
     start = time.perf_counter() - elapsed_before
+    tensor_peak: float | None = None  # CPU: measured on the first training step of this run of the loop
     try:  # the sampler thread must stop however the loop ends (an error, Tune stopping the trial)
         for epoch in range(first_epoch, cfg.epochs + 1):
-            row = train_epoch(model, train_loader, optimizer, loss_fn, device)
+            row = train_epoch(model, train_loader, optimizer, loss_fn, device,
+                              measure_memory=device.type == "cpu" and tensor_peak is None)
+            tensor_peak = row.pop("tensor_peak_mb", tensor_peak)
             val = evaluate(model, val_loader, device, spacing_mm)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["score"] = val["score"]
+            if val["score"] > best["score"]:
+                best = {"score": val["score"], "epoch": epoch,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             row.update(
                 epoch=epoch,
-                peak_memory_mb=memory.mb(),
+                peak_memory_mb=memory.mb() if device.type == "cuda" else tensor_peak,
+                peak_rss_mb=memory.rss_mb(),
                 trainable_params=trainable,
                 total_params=total,
                 trainable_fraction=trainable / max(total, 1),
                 time_total_s=time.perf_counter() - start,
             )
             row["time_per_epoch_s"] = row["time_total_s"] / epoch
-            if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test metrics
-                row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, spacing_mm).items()})
+            if epoch == cfg.epochs and best["state"] is not None and best["epoch"] != epoch:
+                # the trial keeps its best epoch's weights; its last report carries their validation score
+                model.load_state_dict(best["state"])
+                row["score"] = best["score"]
+            if epoch == cfg.epochs:
+                row["best_epoch"] = best["epoch"]
+            if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test results
+                test, cases = evaluate_cases(model, test_loader, device, spacing_mm)
+                row.update({f"test_{k}": v for k, v in test.items()})
+                row["test_cases"] = cases
             history.append(row)
             if on_epoch is not None:
                 on_epoch(epoch, row, state)

@@ -28,8 +28,10 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(v.mean()) if v.numel() else float("nan")
 
 
-def segmentation_metrics(seg_logits: torch.Tensor, labels: torch.Tensor, spacing_mm: float) -> dict[str, float]:
-    """Dice and HD95 (mm) of argmax predictions against integer labels ``(B, 1, D, H, W)``."""
+def segmentation_per_case(seg_logits: torch.Tensor, labels: torch.Tensor, spacing_mm: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and PCS class ``(B, 2)``: Dice (empty truth and prediction count 1) and HD95 in mm (NaN
+    unless both are non-empty), of argmax predictions against integer labels ``(B, 1, D, H, W)``."""
     pred = one_hot(seg_logits.argmax(dim=1, keepdim=True), SEG_CLASSES)
     truth = one_hot(labels.long(), SEG_CLASSES)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(pred, truth)
@@ -40,6 +42,13 @@ def segmentation_metrics(seg_logits: torch.Tensor, labels: torch.Tensor, spacing
         )
     both = (pred[:, 1:].flatten(2).any(-1)) & (truth[:, 1:].flatten(2).any(-1))
     hd = torch.where(both, hd, torch.full_like(hd, float("nan")))
+    return dice, hd
+
+
+def segmentation_metrics(seg_logits: torch.Tensor, labels: torch.Tensor, spacing_mm: float) -> dict[str, float]:
+    """Dice and HD95 (mm) of argmax predictions against integer labels ``(B, 1, D, H, W)``, averaged over
+    images and the two PCS classes (HD95 over the cases where it is defined)."""
+    dice, hd = segmentation_per_case(seg_logits, labels, spacing_mm)
     return {"dice": _nanmean(dice), "hd95": _nanmean(hd)}
 
 
@@ -57,6 +66,26 @@ def classification_metrics(cls_logits: torch.Tensor, targets: torch.Tensor) -> d
         auc_metric(prob[:, None], y[:, None])
         auc = float(auc_metric.aggregate())
     return {"accuracy": acc, "auc": auc, "f1": f1, "sensitivity": sens, "specificity": spec}
+
+
+HEMISPHERES = ("left", "right")  # presence target j and segmentation class j + 1
+
+
+def per_case_rows(subject_ids: list[str], seg_logits: torch.Tensor, labels: torch.Tensor, cls_logits: torch.Tensor,
+                  targets: torch.Tensor, spacing_mm: float) -> list[dict]:
+    """One row per (subject, hemisphere): ``dice``, ``hd95`` (None where undefined), presence
+    ``probability`` and ``truth`` (0/1). The test metrics are functions of these rows: ``dice`` is their
+    mean Dice, ``accuracy``/``auc``/``sensitivity``/``specificity`` those of ``probability >= 0.5``
+    against ``truth``, so every statistic of the report can be recomputed from them."""
+    dice, hd = segmentation_per_case(seg_logits, labels, spacing_mm)
+    prob = torch.sigmoid(cls_logits.float())
+    rows = []
+    for i, subject in enumerate(subject_ids):
+        for j, side in enumerate(HEMISPHERES):
+            rows.append({"subject_id": str(subject), "hemisphere": side, "dice": float(dice[i, j]),
+                         "hd95": finite_or_none(float(hd[i, j])), "probability": float(prob[i, j]),
+                         "truth": int(targets[i, j] > 0.5)})
+    return rows
 
 
 def selection_score(metrics: dict[str, float]) -> float:

@@ -1,0 +1,90 @@
+"""Rank stability: the same study twice with different ``--seed`` (another cohort draw, other trial seeds,
+other Optuna samples), then, for the test score, Dice and AUC, Spearman's rank correlation of the cells
+between the two runs, and whether each run's best cell is inside the other run's set of cells that cannot
+be told apart from the best. A ranking that does not survive a change of seed is not an answer.
+
+    python -m bench.rank_stability [--grid full] [--budget laptop] [--seeds 0,1] [--work runs/rank_stability]
+    python -m bench.rank_stability --analyse-only --work runs/rank_stability   # two finished studies
+
+Each study is the real launcher (``python -m study.launch``) as ``make study`` runs it; its wall time is
+recorded. Results: ``bench/results/rank_stability.json`` and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scipy import stats as scipy_stats
+
+from bench.common import print_table, write_result
+
+METRICS = ("score", "dice", "auc")
+
+
+def run_study(grid: str, budget: str, seed: int, folder: Path) -> float:
+    """Run one study to completion; returns its wall time in seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "study.launch", "--grid", grid, "--budget", budget, "--seed",
+                           str(seed), "--output", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the study with --seed {seed} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def estimates(folder: Path) -> tuple[dict[str, dict[str, float]], dict]:
+    """cell -> {metric: estimate} and the verdict, from a study's report.json."""
+    data = json.loads((folder / "report" / "report.json").read_text())
+    cells = {c["cell"]: c["statistics"]["estimate"] for c in data["cells"] if c.get("statistics")}
+    return cells, data["verdict"]
+
+
+def compare_runs(a: Path, b: Path) -> dict:
+    """Spearman's rho per metric over the cells both studies have, and the cross-membership of the best cells."""
+    cells_a, verdict_a = estimates(a)
+    cells_b, verdict_b = estimates(b)
+    common = sorted(set(cells_a) & set(cells_b))
+    out = {"cells": len(common), "best_a": verdict_a["best"], "best_b": verdict_b["best"],
+           "best_a_inside_b_tied_set": verdict_a["best"] in verdict_b["indistinguishable_from_best"],
+           "best_b_inside_a_tied_set": verdict_b["best"] in verdict_a["indistinguishable_from_best"],
+           "tied_set_size_a": len(verdict_a["indistinguishable_from_best"]),
+           "tied_set_size_b": len(verdict_b["indistinguishable_from_best"])}
+    for metric in METRICS:
+        x = [cells_a[c][metric] for c in common]
+        y = [cells_b[c][metric] for c in common]
+        rho = scipy_stats.spearmanr(x, y, nan_policy="omit")
+        out[f"spearman_{metric}"] = float(rho.statistic)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rank_stability", description=__doc__.split("\n")[0])
+    p.add_argument("--grid", default="full")
+    p.add_argument("--budget", default="laptop")
+    p.add_argument("--seeds", default="0,1", help="two study seeds")
+    p.add_argument("--work", default="runs/rank_stability", help="folder for the two studies")
+    p.add_argument("--analyse-only", action="store_true", help="compare two finished studies in --work")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if len(seeds) != 2:
+        p.error("--seeds takes two seeds, e.g. 0,1")
+    work = Path(args.work)
+    folders = [work / f"seed{s}" for s in seeds]
+    walls = {}
+    if not args.analyse_only:
+        for seed, folder in zip(seeds, folders, strict=True):
+            walls[f"wall_s_seed{seed}"] = run_study(args.grid, args.budget, seed, folder)
+            print(f"--seed {seed}: {walls[f'wall_s_seed{seed}']:.0f} s", flush=True)
+    row = {"grid": args.grid, "budget": args.budget, "seeds": args.seeds, **compare_runs(*folders), **walls}
+    print_table([row], list(row))
+    write_result("rank_stability", "python -m bench.rank_stability " + " ".join(argv or sys.argv[1:]), [row])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

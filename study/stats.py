@@ -1,0 +1,269 @@
+"""The report's statistics, from per-case test results: bootstrap confidence intervals over test subjects
+(and seeds), paired differences from a reference cell, Wilcoxon signed-rank tests with Holm's
+correction, the probability of being best and the set of cells that cannot be told apart from the best.
+
+Every statistic is a function of the per-case rows a fine-tuning trial logs (``test_cases.json``: one row
+per subject and hemisphere with ``dice``, ``probability`` and ``truth``), so every number here can be
+recomputed from MLflow alone:
+
+- ``dice``: mean Dice over the (subject, hemisphere) cases;
+- ``auc``: the ROC AUC of ``probability`` against ``truth`` (Mann-Whitney U / (n1 n0), ties counted half);
+- ``score``: the selection score on the test split, ``(dice + balanced accuracy) / 2`` with the presence
+  threshold 0.5 (``trainables.metrics.selection_score``; an undefined sensitivity or specificity counts 0).
+
+Resampling is by test subject (both hemispheres of a subject move together, as they are not independent)
+with one matrix of resampled subject indices shared by every cell, so that differences between cells are
+paired and the probability of being best compares cells on the same resamples. With seed re-runs, each
+resample also draws, for every cell, as many of its runs as it has, with replacement, and averages the
+statistic over them (seeds and subjects resampled together). Intervals are percentile intervals
+(Efron & Tibshirani 1993); the Wilcoxon signed-rank test is ``scipy.stats.wilcoxon`` on per-subject Dice
+(mean over hemispheres and runs); Holm's step-down correction (Holm 1979) controls the family-wise error
+over the cells compared with the reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+METRICS = ("score", "dice", "auc")
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass
+class Cases:
+    """One run's test cases aligned by subject: arrays ``(subjects, 2)`` for left and right."""
+
+    subjects: list[str]
+    dice: np.ndarray
+    probability: np.ndarray
+    truth: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> Cases:
+        """From ``test_cases`` rows (``subject_id``, ``hemisphere`` left/right, ``dice``, ``probability``, ``truth``)."""
+        subjects = sorted({str(r["subject_id"]) for r in rows})
+        where = {s: i for i, s in enumerate(subjects)}
+        side = {"left": 0, "right": 1}
+        dice = np.full((len(subjects), 2), np.nan)
+        prob = np.full((len(subjects), 2), np.nan)
+        truth = np.full((len(subjects), 2), np.nan)
+        for r in rows:
+            i, j = where[str(r["subject_id"])], side[str(r["hemisphere"])]
+            dice[i, j], prob[i, j], truth[i, j] = float(r["dice"]), float(r["probability"]), float(r["truth"])
+        return cls(subjects, dice, prob, truth)
+
+    def subset(self, subjects: list[str]) -> Cases:
+        index = [self.subjects.index(s) for s in subjects]
+        return Cases(list(subjects), self.dice[index], self.probability[index], self.truth[index])
+
+
+# -- the statistics, vectorised over resamples: idx is (B, n) subject indices -----------------------------------
+def dice_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    return c.dice[idx].reshape(idx.shape[0], -1).mean(axis=1)
+
+
+def _balanced_accuracy(c: Cases, idx: np.ndarray) -> np.ndarray:
+    y = c.truth[idx].reshape(idx.shape[0], -1) > 0.5
+    pred = c.probability[idx].reshape(idx.shape[0], -1) >= 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = (pred & y).sum(1) / y.sum(1)
+        spec = (~pred & ~y).sum(1) / (~y).sum(1)
+    return (np.nan_to_num(sens, nan=0.0) + np.nan_to_num(spec, nan=0.0)) / 2
+
+
+def score_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    return (dice_of(c, idx) + _balanced_accuracy(c, idx)) / 2
+
+
+def auc_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    """ROC AUC per resample from ranks (the Mann-Whitney statistic); NaN where a resample has one class."""
+    p = c.probability[idx].reshape(idx.shape[0], -1)
+    y = c.truth[idx].reshape(idx.shape[0], -1) > 0.5
+    ranks = scipy_stats.rankdata(p, axis=1)
+    n1 = y.sum(1)
+    n0 = y.shape[1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+
+
+STATISTICS = {"score": score_of, "dice": dice_of, "auc": auc_of}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (monotone, capped at 1), in the input's order; NaN stays NaN."""
+    p = np.asarray(pvalues, dtype=float)
+    valid = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(p.shape, np.nan)
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``samples`` (NaNs, from resamples where a statistic is
+    undefined, left out)."""
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    if not s.size:
+        return float("nan"), float("nan")
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(s, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass
+class CellStats:
+    """One cell's estimates and intervals, its comparison with the reference and its chance of being best."""
+
+    cell: str
+    runs: int
+    subjects: int
+    estimate: dict[str, float] = field(default_factory=dict)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    vs_reference: dict[str, dict] = field(default_factory=dict)  # metric -> {difference, ci}
+    wilcoxon_p: float | None = None
+    holm_p: float | None = None
+    p_best: float = 0.0
+    vs_best: dict = field(default_factory=dict)  # {difference, ci} of best - this cell, on the score
+    indistinguishable_from_best: bool = False
+
+
+@dataclass
+class Comparison:
+    """Every cell's statistics on the test subjects all of them share, and the verdict's ingredients."""
+
+    cells: dict[str, CellStats]
+    subjects: list[str]
+    reference: str | None
+    best: str | None
+    resamples: int
+    confidence: float
+    seeds_resampled: bool
+    missing: list[str]  # cells without per-case results (not compared)
+    samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def tied_with_best(self) -> list[str]:
+        """The cells the data cannot tell apart from the best (the best included), best score first."""
+        tied = [c for c, s in self.cells.items() if s.indistinguishable_from_best]
+        return sorted(tied, key=lambda c: -self.cells[c].estimate["score"])
+
+    def spread(self) -> float:
+        """The standard deviation of the cells' test scores (0 for a single cell)."""
+        scores = [s.estimate["score"] for s in self.cells.values() if np.isfinite(s.estimate["score"])]
+        return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+
+    def typical_half_width(self) -> float:
+        """The median half-width of the cells' test-score intervals."""
+        widths = [(s.ci["score"][1] - s.ci["score"][0]) / 2 for s in self.cells.values()
+                  if np.isfinite(s.ci["score"][0])]
+        return float(np.median(widths)) if widths else float("nan")
+
+    def too_small(self) -> bool:
+        """True when a typical interval is wider than the spread of the cells: the test split cannot
+        separate them."""
+        return len(self.cells) > 1 and self.typical_half_width() > self.spread()
+
+    def group_difference(self, group: list[str], others: list[str], metric: str) -> dict | None:
+        """Mean ``metric`` over the cells of ``group`` minus the mean over ``others``, paired by resample."""
+        group = [c for c in group if c in self.samples]
+        others = [c for c in others if c in self.samples]
+        if not group or not others:
+            return None
+        point = (np.mean([self.cells[c].estimate[metric] for c in group])
+                 - np.mean([self.cells[c].estimate[metric] for c in others]))
+        diff = (np.mean([self.samples[c][metric] for c in group], axis=0)
+                - np.mean([self.samples[c][metric] for c in others], axis=0))
+        return {"difference": float(point), "ci": interval(diff, self.confidence), "cells": len(group),
+                "other_cells": len(others)}
+
+
+def compare(runs: dict[str, list[Cases]], reference: str | None = None, resamples: int = RESAMPLES,
+            seed: int = 0, confidence: float = CONFIDENCE) -> Comparison:
+    """Compare cells from their runs' per-case test results.
+
+    Args:
+        runs: cell id -> the per-case results of its runs (the best trial, then its seed re-runs).
+        reference: the cell every other is compared with (paired differences, Wilcoxon, Holm).
+        resamples: bootstrap resamples (shared by all cells).
+        seed: seeds the resampling, so a report is reproducible.
+        confidence: of every interval.
+    """
+    missing = sorted(c for c, r in runs.items() if not r)
+    runs = {c: r for c, r in runs.items() if r}
+    if not runs:
+        return Comparison({}, [], None, None, resamples, confidence, False, missing)
+    common = sorted(set.intersection(*(set(x.subjects) for rs in runs.values() for x in rs)))
+    runs = {c: [x.subset(common) for x in rs] for c, rs in runs.items()}
+    n = len(common)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    full = np.arange(n)[None, :]
+    seeds_resampled = any(len(r) > 1 for r in runs.values())
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    cells: dict[str, CellStats] = {}
+    for cell, rs in runs.items():
+        stat = CellStats(cell, runs=len(rs), subjects=n)
+        draws = rng.integers(0, len(rs), size=(resamples, len(rs)))  # seeds resampled with the subjects
+        samples[cell] = {}
+        for metric, fn in STATISTICS.items():
+            per_run = np.stack([fn(x, idx) for x in rs])  # (runs, resamples)
+            with warnings.catch_warnings():  # an AUC undefined in every drawn run stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                samples[cell][metric] = np.nanmean(per_run[draws, np.arange(resamples)[:, None]], axis=1) \
+                    if len(rs) > 1 else per_run[0]
+                stat.estimate[metric] = float(np.nanmean([fn(x, full)[0] for x in rs]))
+            stat.ci[metric] = interval(samples[cell][metric], confidence)
+        cells[cell] = stat
+
+    reference = reference if reference in cells else None
+    if reference is not None:
+        ref_subject_dice = np.mean([x.dice.mean(axis=1) for x in runs[reference]], axis=0)
+        raw = {}
+        for cell, stat in cells.items():
+            if cell == reference:
+                continue
+            for metric in METRICS:
+                diff = samples[cell][metric] - samples[reference][metric]
+                stat.vs_reference[metric] = {
+                    "difference": stat.estimate[metric] - cells[reference].estimate[metric],
+                    "ci": interval(diff, confidence)}
+            subject_dice = np.mean([x.dice.mean(axis=1) for x in runs[cell]], axis=0)
+            raw[cell] = wilcoxon_p(subject_dice, ref_subject_dice)
+        for cell, adjusted in zip(raw, holm(list(raw.values())), strict=True):
+            cells[cell].wilcoxon_p, cells[cell].holm_p = raw[cell], adjusted
+
+    scores = np.stack([samples[c]["score"] for c in cells])  # (cells, resamples)
+    top = scores == np.nanmax(scores, axis=0, keepdims=True)
+    share = top / np.maximum(top.sum(axis=0, keepdims=True), 1)  # a tie shares the win
+    for stat, p in zip(cells.values(), share.mean(axis=1), strict=True):
+        stat.p_best = float(p)
+    best = max(cells, key=lambda c: (np.nan_to_num(cells[c].estimate["score"], nan=-1), cells[c].p_best))
+    for cell, stat in cells.items():
+        if cell == best:
+            stat.indistinguishable_from_best = True
+            continue
+        lo, hi = interval(samples[best]["score"] - samples[cell]["score"], confidence)
+        stat.vs_best = {"difference": cells[best].estimate["score"] - stat.estimate["score"], "ci": (lo, hi)}
+        stat.indistinguishable_from_best = bool(lo <= 0.0)
+    return Comparison(cells, common, reference, best, resamples, confidence, seeds_resampled, missing, samples)
+
+
+def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired samples ``x``, ``y`` (``scipy.stats.wilcoxon``); 1.0 when
+    every difference is zero (nothing to rank), NaN with fewer than two pairs."""
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return float("nan")
+    if not np.any(d != 0):
+        return 1.0
+    return float(scipy_stats.wilcoxon(d).pvalue)

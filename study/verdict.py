@@ -1,0 +1,188 @@
+"""What the report says first: the verdict (the best cell, how sure, what it cannot be told apart from),
+and the source study's four findings tested on this study's data.
+
+The numbers come from :mod:`study.stats`; this module only words them. The four findings are those of
+the PCS study this tool grew from (arXiv 2405.19204): reconstruction and adversarial pre-training
+balance accuracy and cost; diffusion pre-training is the most resource-intensive; top-level tuning gives
+strong segmentation at low cost; LoRA is weaker on this small-region task.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from study.stats import Comparison
+
+SUPPORTED, CONTRADICTED, NOT_RESOLVED, NOT_TESTED = "supported", "contradicted", "not resolved", "not tested"
+
+
+def _ci(ci: tuple[float, float]) -> str:
+    lo, hi = ci
+    return "[–]" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}" if math.isfinite(x) else "–"
+
+
+def _p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def verdict(comparison: Comparison) -> list[str]:
+    """The report's first paragraphs: the best cell with its interval, its difference from the reference
+    (interval and p), the cells it cannot be told apart from, and a warning when the test split is too
+    small to separate the cells."""
+    c = comparison
+    if not c.cells:
+        return ["No cell has per-case test results, so no interval can be given: the study ran before "
+                "per-case results were logged, or every trial failed. Re-run it to get the verdict."]
+    pct = f"{100 * c.confidence:.0f}%"
+    how = (f"{pct} intervals from {c.resamples} bootstrap resamples of the {len(c.subjects)} test subjects"
+           + (" and of each cell's seed re-runs" if c.seeds_resampled else ""))
+    best = c.cells[c.best]
+    lines = [f"Best cell: {c.best}, test score {best.estimate['score']:.3f} {_ci(best.ci['score'])} "
+             f"(Dice {best.estimate['dice']:.3f} {_ci(best.ci['dice'])}, AUC {best.estimate['auc']:.3f} "
+             f"{_ci(best.ci['auc'])}); it is best in {100 * best.p_best:.0f}% of the resamples ({how})."]
+    if c.reference is None:
+        lines.append("No reference cell (none__full, the from-scratch baseline, is not in this study and "
+                     "--reference names none): no paired differences or tests.")
+    elif c.reference == c.best:
+        lines.append(f"The best cell is the reference ({c.reference}): pre-training and parameter-efficient "
+                     "tuning did not beat training from scratch on the point estimate.")
+    else:
+        d = best.vs_reference["score"]
+        resolved = d["ci"][0] > 0 or d["ci"][1] < 0
+        lines.append(
+            f"Against the reference {c.reference} ({c.cells[c.reference].estimate['score']:.3f}): difference "
+            f"{_signed(d['difference'])} {_ci(d['ci'])} in test score, "
+            f"{_signed(best.vs_reference['dice']['difference'])} {_ci(best.vs_reference['dice']['ci'])} in Dice; "
+            f"Wilcoxon signed-rank p = {_p(best.wilcoxon_p)} on per-subject Dice, {_p(best.holm_p)} after Holm's "
+            f"correction over {len(c.cells) - 1} cells. "
+            + ("The difference is resolved." if resolved else "The difference is not resolved: the interval "
+               "includes 0."))
+    tied = [x for x in c.tied_with_best() if x != c.best]
+    if tied:
+        shown = ", ".join(tied[:12]) + (f" and {len(tied) - 12} more" if len(tied) > 12 else "")
+        lines.append(f"The data cannot tell the best cell apart from {len(tied)} other cell(s): {shown} (the "
+                     f"{pct} interval of the paired difference in test score includes 0). Choose among them on "
+                     "cost, or add test subjects or seeds.")
+    else:
+        lines.append(f"The best cell is separated from every other cell (each paired difference's {pct} "
+                     "interval excludes 0).")
+    if c.too_small():
+        lines.append(f"Warning: the test split ({len(c.subjects)} subjects) is too small to separate the cells: a "
+                     f"typical interval is ±{c.typical_half_width():.3f} wide, more than the spread of the cells' "
+                     f"test scores (standard deviation {c.spread():.3f}). The ranking below is mostly noise.")
+    if c.missing:
+        lines.append(f"{len(c.missing)} cell(s) have no per-case results and are not compared: "
+                     + ", ".join(c.missing[:8]) + ("…" if len(c.missing) > 8 else ""))
+    return lines
+
+
+def _mean_metric(runs: list, key: str) -> float:
+    values = [r.data.metrics[key] for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _claim(name: str, status: str, evidence: str) -> dict:
+    return {"claim": name, "status": status, "evidence": evidence}
+
+
+def _balance(diff: dict, cheaper: bool) -> str:
+    """A "good enough and cheaper" finding: contradicted when resolved as worse or when not cheaper,
+    supported when cheaper and not resolved as worse, not resolved when the interval is undefined."""
+    lo, hi = diff["ci"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return NOT_RESOLVED
+    return CONTRADICTED if hi < 0 or not cheaper else SUPPORTED
+
+
+def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dict]:
+    """The source study's four findings, each ``supported``, ``contradicted``, ``not resolved`` or ``not
+    tested`` here, with its numbers (a list of ``{claim, status, evidence}``).
+
+    Args:
+        comparison: the cells' statistics.
+        cells: the report's cell results (``id``, ``pretrain``, ``strategy``, ``best`` run).
+        pretrain_runs: the study's finished pre-training runs (their time and memory).
+    """
+    c = comparison
+    by = {x.id: x for x in cells if x.best is not None and x.id in c.cells}
+    out = []
+
+    def ids(pred) -> list[str]:
+        return [i for i, x in by.items() if pred(x)]
+
+    def cost(group: list[str], key: str) -> float:
+        return _mean_metric([by[i].best for i in group], key)
+
+    # 1. reconstruction and adversarial pre-training balance accuracy and cost
+    name = "Reconstruction and adversarial pre-training balance accuracy and cost"
+    group = ids(lambda x: x.pretrain in ("reconstruction", "adversarial"))
+    others = ids(lambda x: x.pretrain not in ("reconstruction", "adversarial", "none"))
+    diff = c.group_difference(group, others, "score")
+    method_time = {}
+    for r in pretrain_runs:
+        m = r.data.tags.get("pretrain", "")
+        if "time_per_epoch_s" in r.data.metrics:
+            method_time.setdefault(m, []).append(r.data.metrics["time_per_epoch_s"])
+    mine = [statistics.fmean(v) for m, v in method_time.items() if m in ("reconstruction", "adversarial")]
+    theirs = [statistics.fmean(v) for m, v in method_time.items() if m not in ("reconstruction", "adversarial", "none")]
+    if diff is None or not mine or not theirs:
+        out.append(_claim(name, NOT_TESTED, "needs cells of reconstruction or adversarial and of another "
+                                            "pre-training method, with their pre-training runs"))
+    else:
+        ratio = statistics.fmean(mine) / statistics.fmean(theirs)
+        evidence = (f"test score {_signed(diff['difference'])} {_ci(diff['ci'])} against the other pre-training "
+                    f"methods ({diff['cells']} vs {diff['other_cells']} cells); pre-training time per epoch "
+                    f"{ratio:.2f}x theirs")
+        status = _balance(diff, ratio < 1)
+        out.append(_claim(name, status, evidence + " (supported: not resolved as less accurate, and cheaper)"))
+
+    # 2. diffusion is the most resource-intensive pre-training
+    name = "Diffusion pre-training is the most resource-intensive"
+    costs = {}
+    for r in pretrain_runs:
+        m = r.data.tags.get("pretrain", "")
+        costs.setdefault(m, []).append((r.data.metrics.get("time_per_epoch_s", math.nan),
+                                        r.data.metrics.get("peak_memory_mb", math.nan)))
+    if "diffusion" not in costs or len(costs) < 2:
+        out.append(_claim(name, NOT_TESTED, "needs the diffusion pre-training run and another method's"))
+    else:
+        mean = {m: (statistics.fmean(t for t, _ in v), statistics.fmean(b for _, b in v)) for m, v in costs.items()}
+        top_time = max(mean, key=lambda m: mean[m][0])
+        top_memory = max(mean, key=lambda m: mean[m][1])
+        evidence = "; ".join(f"{m} {t:.2f} s/epoch, {b:.0f} MB" for m, (t, b) in sorted(mean.items()))
+        hits = (top_time == "diffusion") + (top_memory == "diffusion")
+        status = SUPPORTED if hits == 2 else CONTRADICTED if hits == 0 else NOT_RESOLVED
+        out.append(_claim(name, status, f"pre-training cost per method (one measurement each): {evidence}"))
+
+    # 3. top-level tuning: strong segmentation at low cost
+    name = "Top-level tuning gives strong segmentation at low cost"
+    top, full = ids(lambda x: x.strategy == "top"), ids(lambda x: x.strategy == "full")
+    diff = c.group_difference(top, full, "dice")
+    if diff is None:
+        out.append(_claim(name, NOT_TESTED, "needs top and full cells"))
+    else:
+        memory = cost(top, "peak_memory_mb") / cost(full, "peak_memory_mb")
+        time = cost(top, "time_per_epoch_s") / cost(full, "time_per_epoch_s")
+        evidence = (f"Dice {_signed(diff['difference'])} {_ci(diff['ci'])} against full fine-tuning; peak memory "
+                    f"{memory:.2f}x, time per epoch {time:.2f}x full's")
+        status = _balance(diff, memory < 1 and time < 1)
+        out.append(_claim(name, status, evidence + " (supported: Dice not resolved as lower, and cheaper)"))
+
+    # 4. LoRA is weaker on this small-region task
+    name = "LoRA is weaker on this small-region task"
+    lora = ids(lambda x: x.strategy == "lora")
+    diff = c.group_difference(lora, full, "dice")
+    if diff is None:
+        out.append(_claim(name, NOT_TESTED, "needs lora and full cells"))
+    else:
+        status = SUPPORTED if diff["ci"][1] < 0 else CONTRADICTED if diff["ci"][0] > 0 else NOT_RESOLVED
+        out.append(_claim(name, status, f"Dice {_signed(diff['difference'])} {_ci(diff['ci'])} against full "
+                                        f"fine-tuning ({diff['cells']} vs {diff['other_cells']} cells)"))
+    return out

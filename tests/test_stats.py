@@ -1,0 +1,121 @@
+"""The report's statistics (study/stats.py) against independent computations on small fixed tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from sklearn.metrics import roc_auc_score
+
+from study.stats import Cases, auc_of, compare, holm, interval, score_of, wilcoxon_p
+
+
+def _cases(dice: np.ndarray, prob: np.ndarray | None = None, truth: np.ndarray | None = None, prefix: str = "s"):
+    n = len(dice)
+    rng = np.random.default_rng(1)
+    prob = rng.random((n, 2)) if prob is None else prob
+    truth = (rng.random((n, 2)) < 0.5).astype(float) if truth is None else truth
+    return Cases([f"{prefix}{i:03d}" for i in range(n)], np.asarray(dice, float), np.asarray(prob, float),
+                 np.asarray(truth, float))
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_theory_one_and_scipys() -> None:
+    rng = np.random.default_rng(0)
+    dice = np.clip(rng.normal(0.6, 0.15, size=(200, 2)), 0, 1)
+    comparison = compare({"a": [_cases(dice)]}, resamples=4000, seed=3)
+    lo, hi = comparison.cells["a"].ci["dice"]
+    per_subject = dice.mean(axis=1)  # subjects are resampled with both hemispheres
+    half = 1.959964 * per_subject.std(ddof=1) / math.sqrt(len(per_subject))
+    assert comparison.cells["a"].estimate["dice"] == pytest.approx(dice.mean())
+    assert lo == pytest.approx(dice.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(dice.mean() + half, abs=0.15 * half)
+    ref = scipy_stats.bootstrap((per_subject,), np.mean, n_resamples=4000, method="percentile", random_state=5)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.1 * half)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.1 * half)
+
+
+def test_auc_and_score_against_their_definitions() -> None:
+    rng = np.random.default_rng(4)
+    truth = (rng.random((30, 2)) < 0.6).astype(float)
+    prob = np.clip(0.3 * truth + rng.random((30, 2)) * 0.7, 0, 1)
+    prob[0, 0] = prob[1, 1]  # a tie counts half
+    dice = rng.random((30, 2))
+    c = _cases(dice, prob, truth)
+    full = np.arange(30)[None, :]
+    assert auc_of(c, full)[0] == pytest.approx(roc_auc_score(truth.ravel(), prob.ravel()))
+    pred = prob.ravel() >= 0.5
+    y = truth.ravel() > 0.5
+    balanced = ((pred & y).sum() / y.sum() + (~pred & ~y).sum() / (~y).sum()) / 2
+    assert score_of(c, full)[0] == pytest.approx((dice.mean() + balanced) / 2)
+
+
+def test_wilcoxon_equals_scipys_on_a_hand_made_paired_table_and_holm_adjusts_over_cells() -> None:
+    ref = np.array([[0.50, 0.52], [0.61, 0.59], [0.40, 0.44], [0.70, 0.66], [0.55, 0.57], [0.45, 0.41],
+                    [0.66, 0.60], [0.52, 0.50]])
+    better = ref + np.array([0.05, 0.02, 0.08, 0.01, 0.04, 0.06, 0.03, 0.07])[:, None]
+    mixed = ref + np.array([0.02, -0.03, 0.01, -0.02, 0.03, -0.01, 0.015, -0.025])[:, None]
+    comparison = compare({"ref": [_cases(ref)], "better": [_cases(better)], "mixed": [_cases(mixed)]},
+                         reference="ref", resamples=500)
+    for cell, table in (("better", better), ("mixed", mixed)):
+        expected = scipy_stats.wilcoxon(table.mean(axis=1) - ref.mean(axis=1)).pvalue
+        assert comparison.cells[cell].wilcoxon_p == pytest.approx(expected)
+    raw = [comparison.cells["better"].wilcoxon_p, comparison.cells["mixed"].wilcoxon_p]
+    assert [comparison.cells["better"].holm_p, comparison.cells["mixed"].holm_p] == pytest.approx(holm(raw))
+    d = comparison.cells["better"].vs_reference["dice"]
+    assert d["difference"] == pytest.approx((better - ref).mean()) and d["ci"][0] > 0  # resolved better
+
+
+def test_holm_on_a_known_vector() -> None:
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    adjusted = holm([0.2, float("nan")])
+    assert adjusted[0] == pytest.approx(0.2) and math.isnan(adjusted[1])
+    assert wilcoxon_p(np.ones(5), np.ones(5)) == 1.0
+
+
+def test_a_cell_that_wins_on_every_subject_is_best_with_probability_one() -> None:
+    rng = np.random.default_rng(7)
+    truth = (rng.random((40, 2)) < 0.5).astype(float)
+    weak = rng.random((40, 2)) * 0.5
+    strong = weak + 0.3
+    perfect = truth * 0.9 + 0.05  # presence right every time
+    comparison = compare({"weak": [_cases(weak, rng.random((40, 2)), truth)],
+                          "strong": [_cases(strong, perfect, truth)]}, resamples=1000)
+    assert comparison.best == "strong"
+    assert comparison.cells["strong"].p_best == 1.0 and comparison.cells["weak"].p_best == 0.0
+    assert comparison.tied_with_best() == ["strong"]
+    assert comparison.cells["weak"].vs_best["ci"][0] > 0
+
+
+def test_two_equal_cells_are_never_separated() -> None:
+    rng = np.random.default_rng(9)
+    dice = rng.random((25, 2))
+    c = _cases(dice)
+    comparison = compare({"a": [c], "b": [_cases(dice, c.probability, c.truth)]}, resamples=1000)
+    assert sorted(comparison.tied_with_best()) == ["a", "b"]
+    assert comparison.cells["a"].p_best == pytest.approx(0.5) and comparison.cells["b"].p_best == pytest.approx(0.5)
+
+
+def test_seeds_and_subjects_are_resampled_together() -> None:
+    rng = np.random.default_rng(2)
+    dice = rng.random((30, 2))
+    one = compare({"a": [_cases(dice)]}, resamples=2000)
+    # three runs that differ by a seed effect: the interval must widen, the estimate is their mean
+    runs = [_cases(np.clip(dice + shift, 0, 1)) for shift in (-0.1, 0.0, 0.1)]
+    three = compare({"a": runs}, resamples=2000)
+    assert three.seeds_resampled and three.cells["a"].runs == 3
+    assert three.cells["a"].estimate["dice"] == pytest.approx(np.mean([r.dice.mean() for r in runs]))
+    width = lambda c: c.cells["a"].ci["dice"][1] - c.cells["a"].ci["dice"][0]  # noqa: E731
+    assert width(three) > width(one)
+
+
+def test_only_subjects_every_cell_has_are_compared_and_cells_without_cases_are_listed() -> None:
+    rng = np.random.default_rng(3)
+    a = _cases(rng.random((10, 2)))
+    b = _cases(rng.random((12, 2)))
+    comparison = compare({"a": [a], "b": [b], "c": []})
+    assert comparison.subjects == a.subjects and comparison.missing == ["c"]
+    assert all(math.isnan(v) for v in interval(np.array([np.nan, np.nan])))
