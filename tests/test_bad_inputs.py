@@ -142,6 +142,9 @@ GRID_CASES = [
      "pretrain_params.contrastive.lr must be a number >= 0"),
     ("pretrain_params: {magic: {}}\ncells: [{pretrain: none, strategy: full}]\n",
      "pretrain_params: unknown pre-training method 'magic'"),
+    ("splits: {train: 2}\ncells: [{pretrain: none, strategy: full}]\n", "splits must give the number of subjects"),
+    ("splits: {pretrain: 4, train: 4, val: 1, test: 4}\ncells: [{pretrain: none, strategy: full}]\n",
+     "splits.val must be an integer >= 2"),
 ]
 
 
@@ -163,6 +166,17 @@ def test_grid_file_round_trip(tmp_path) -> None:
     (cell,) = plan.cells
     assert (cell.pretrain, cell.strategy, cell.backbone, cell.num_samples) == ("none", "lora", "segresnet", 2)
     assert cell.params == {"train": {"lr_encoder": 0.001}, "strategy_params": {"rank": 8}}
+
+
+def test_grid_file_sets_the_cohort_size_or_its_splits(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text("base: laptop\nsubjects: 16\ncells: [{pretrain: none, strategy: full}]\n")
+    plan = load_grid_file(path)  # the file's own size replaces the base's splits
+    assert plan.subjects == 16 and plan.splits == {}
+    path.write_text("base: smoke\nsplits: {pretrain: 3, train: 5, val: 2, test: 6}\n"
+                    "cells: [{pretrain: none, strategy: full}]\n")
+    plan = load_grid_file(path)
+    assert plan.subjects == 16 and plan.splits == {"pretrain": 3, "train": 5, "val": 2, "test": 6}
 
 
 def test_grid_file_sets_pretraining_settings(tmp_path) -> None:
