@@ -10,7 +10,7 @@ from rich.table import Table
 from study.grid import StudyPlan
 from study.tracking import StudyTracker, open_ui_command
 
-COLUMNS = ("score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_per_epoch_s", "peak_memory_mb",
+COLUMNS = ("score", "test_score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_per_epoch_s", "peak_memory_mb",
            "trainable_fraction")
 
 

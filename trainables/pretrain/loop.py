@@ -23,6 +23,7 @@ from trainables.engine import (
     PeakMemory,
     resolve_device,
     seed_everything,
+    step_tensor_peak_mb,
 )
 from trainables.errors import StudyInputError
 from trainables.pretrain import PRETRAIN_METHODS, PretrainObjective, build_objective, check, method_config
@@ -137,6 +138,7 @@ def pretrain(
     backbone = build_backbone(backbone_cfg)
     objective = build_objective(cfg.method, backbone, cfg.method_params).to(device)
     memory = PeakMemory(device).reset()
+    tensor_peak: float | None = None  # CPU: the first step's peak tensor memory (as in fine-tuning)
     try:  # the sampler thread must stop however pre-training ends
         history: list[dict] = []
         start = time.perf_counter()
@@ -144,10 +146,12 @@ def pretrain(
             objective.train()
             optimizers = make_optimizers(objective, cfg)
             for epoch in range(1, cfg.epochs + 1):
-                row = _train_epoch(objective, optimizers, loader, device)
-                row.update(
-                    epoch=epoch, time_total_s=time.perf_counter() - start, peak_memory_mb=memory.mb()
-                )
+                row = _train_epoch(objective, optimizers, loader, device,
+                                   measure_memory=device.type == "cpu" and tensor_peak is None)
+                tensor_peak = row.pop("tensor_peak_mb", tensor_peak)
+                row.update(epoch=epoch, time_total_s=time.perf_counter() - start,
+                           peak_memory_mb=memory.mb() if device.type == "cuda" else tensor_peak,
+                           peak_rss_mb=memory.rss_mb())
                 history.append(row)
                 if on_epoch is not None:
                     on_epoch(epoch, row)
@@ -156,7 +160,8 @@ def pretrain(
         final.update(
             time_total_s=elapsed,
             time_per_epoch_s=elapsed / len(history) if history else 0.0,
-            peak_memory_mb=memory.mb(),
+            peak_memory_mb=memory.mb() if device.type == "cuda" or tensor_peak is None else tensor_peak,
+            peak_rss_mb=memory.rss_mb(),
             epochs_trained=len(history),
         )
     finally:
@@ -170,15 +175,22 @@ def _train_epoch(
     optimizers: dict[str, torch.optim.Optimizer],
     loader: Iterable[dict],
     device: torch.device,
+    measure_memory: bool = False,
 ) -> dict[str, float]:
     totals: dict[str, float] = {}
     n_batches = n_volumes = 0
+    measured: dict[str, float] = {}
     start = time.perf_counter()
     for batch in loader:
         if not isinstance(batch, dict) or "image" not in batch:
             raise StudyInputError("pre-training batches must be dicts with an 'image' tensor (B, C, D, H, W)")
         images = batch["image"].to(device, non_blocking=True).float()
-        for k, v in train_step(objective, optimizers, images).items():
+        if measure_memory and n_batches == 0:  # the first step's peak tensor memory (CPU)
+            losses, measured["tensor_peak_mb"] = step_tensor_peak_mb(
+                lambda images=images: train_step(objective, optimizers, images), [objective], optimizers.values())
+        else:
+            losses = train_step(objective, optimizers, images)
+        for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + v
         n_batches += 1
         n_volumes += images.shape[0]
@@ -190,7 +202,7 @@ def _train_epoch(
             "the pre-training data produced no batches: it is empty or smaller than the batch size"
         )
     row = {k: v / n_batches for k, v in totals.items()}
-    row.update(epoch_time_s=elapsed, volumes_per_s=n_volumes / max(elapsed, 1e-9))
+    row.update(epoch_time_s=elapsed, volumes_per_s=n_volumes / max(elapsed, 1e-9), **measured)
     return row
 
 
