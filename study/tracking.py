@@ -9,6 +9,7 @@ updated, never re-created).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -285,6 +286,8 @@ class MLflowTrialCallback(Callback):
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         tags += [RunTag(k, str(result[k])) for k in (*RESULT_TAGS, "hostname") if result.get(k) is not None]
         cases = result.get(TEST_CASES)
+        if isinstance(cases, str):
+            cases = json.loads(cases)
 
         def op() -> None:
             run_id = self._run_for(trial)

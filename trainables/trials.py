@@ -6,6 +6,7 @@ these specs and passes ``ray.tune.report``; a benchmark or a test passes a plain
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -179,6 +180,8 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         injector.epoch_done(epoch)
         metrics["task_storage_bytes"] = storage
         metrics["initial_body_sha256"] = initial_body
+        if "test_cases" in metrics:  # one JSON text: Tune's loggers skip text, not a list of hundreds of rows
+            metrics["test_cases"] = json.dumps(metrics["test_cases"])
         if epoch == spec.train.epochs and spec.output_dir:
             metrics["model_path"] = _save_model(model, spec)
         report(metrics, state)
