@@ -61,7 +61,8 @@ def plot_tradeoff(points: list[dict], cost_key: str, cost_label: str, path: Path
     for p in pts:
         colour = cmap(strategies.index(p["strategy"]) % 20)
         if _finite(p.get("lo")) and _finite(p.get("hi")):
-            ax.errorbar(p[cost_key], p["score"], yerr=[[p["score"] - p["lo"]], [p["hi"] - p["score"]]],
+            # a percentile interval need not contain the estimate (tiny test splits): clip the bars at it
+            ax.errorbar(p[cost_key], p["score"], yerr=[[max(0.0, p["score"] - p["lo"])], [max(0.0, p["hi"] - p["score"])]],
                         color=colour, alpha=0.5, linewidth=0.9, capsize=2, zorder=1)
         ax.scatter(p[cost_key], p["score"], s=46, color=colour, zorder=2,
                    marker=_MARKERS[methods.index(p["pretrain"]) % len(_MARKERS)], edgecolor="black", linewidth=0.4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 from study.report import COLUMNS, Study
@@ -64,12 +65,16 @@ def _long_rows(study: Study) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _ci_text(stats: dict, metric: str) -> str:
     lo, hi = stats["ci"][metric]
     est = stats["estimate"][metric]
-    if est is None:
+    if not _finite(est):
         return "–"
-    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{est:.3f}"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else f"{est:.3f}"
 
 
 def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
@@ -78,17 +83,19 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
             "Δ score vs reference [95% CI]", "Wilcoxon p (Holm)"]
     rows = []
     ranked = sorted((c for c in data["cells"] if c.get("statistics")),
-                    key=lambda c: -(c["statistics"]["estimate"]["score"] or 0))
+                    key=lambda c: -(c["statistics"]["estimate"]["score"] if _finite(c["statistics"]["estimate"]["score"])
+                                    else -1.0))
     for c in ranked:
         st = c["statistics"]
         ref = st["vs_reference"].get("score")
         if ref:
             lo, hi = ref["ci"]
-            delta = f"{ref['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{ref['difference']:+.3f}"
+            delta = (f"{ref['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if _finite(lo) and _finite(hi)
+                     else f"{ref['difference']:+.3f}" if _finite(ref["difference"]) else "–")
         else:
             delta = "reference" if c["cell"] == data["verdict"]["reference"] else "–"
         p = st["wilcoxon_p"]
-        ptxt = "–" if p is None else f"{p:.3g} ({st['holm_p']:.3g})"
+        ptxt = f"{p:.3g} ({st['holm_p']:.3g})" if _finite(p) and _finite(st["holm_p"]) else "–"
         rows.append([c["cell"], _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
                      f"{st['p_best']:.2f}", "yes" if st["indistinguishable_from_best"] else "no", delta, ptxt])
     return head, rows

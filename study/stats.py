@@ -202,6 +202,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
     if not runs:
         return Comparison({}, [], None, None, resamples, confidence, False, missing)
     common = sorted(set.intersection(*(set(x.subjects) for rs in runs.values() for x in rs)))
+    if not common:  # the cells were tested on different subjects: nothing can be paired
+        return Comparison({}, [], None, None, resamples, confidence, False, sorted(set(missing) | set(runs)))
     runs = {c: [x.subset(common) for x in rs] for c, rs in runs.items()}
     n = len(common)
     rng = np.random.default_rng(seed)

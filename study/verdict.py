@@ -48,11 +48,12 @@ def verdict(comparison: Comparison) -> list[str]:
              f"(Dice {best.estimate['dice']:.3f} {_ci(best.ci['dice'])}, AUC {best.estimate['auc']:.3f} "
              f"{_ci(best.ci['auc'])}); it is best in {100 * best.p_best:.0f}% of the resamples ({how})."]
     if c.reference is None:
-        lines.append("No reference cell (none__full, the from-scratch baseline, is not in this study and "
-                     "--reference names none): no paired differences or tests.")
+        lines.append("No reference cell with per-case results (the default, none__full, the from-scratch "
+                     "baseline, is not in this study or has no finished trial, and --reference names none): no "
+                     "paired differences or tests.")
     elif c.reference == c.best:
-        lines.append(f"The best cell is the reference ({c.reference}): pre-training and parameter-efficient "
-                     "tuning did not beat training from scratch on the point estimate.")
+        lines.append(f"The best cell is the reference ({c.reference}): no other cell beat it on the point "
+                     "estimate.")
     else:
         d = best.vs_reference["score"]
         resolved = d["ci"][0] > 0 or d["ci"][1] < 0
@@ -61,7 +62,8 @@ def verdict(comparison: Comparison) -> list[str]:
             f"{_signed(d['difference'])} {_ci(d['ci'])} in test score, "
             f"{_signed(best.vs_reference['dice']['difference'])} {_ci(best.vs_reference['dice']['ci'])} in Dice; "
             f"Wilcoxon signed-rank p = {_p(best.wilcoxon_p)} on per-subject Dice, {_p(best.holm_p)} after Holm's "
-            f"correction over {len(c.cells) - 1} cells. "
+            f"correction over {sum(s.wilcoxon_p is not None and math.isfinite(s.wilcoxon_p) for s in c.cells.values())}"
+            " cells. "
             + ("The difference is resolved." if resolved else "The difference is not resolved: the interval "
                "includes 0."))
     tied = [x for x in c.tied_with_best() if x != c.best]
@@ -70,9 +72,11 @@ def verdict(comparison: Comparison) -> list[str]:
         lines.append(f"The data cannot tell the best cell apart from {len(tied)} other cell(s): {shown} (the "
                      f"{pct} interval of the paired difference in test score includes 0). Choose among them on "
                      "cost, or add test subjects or seeds.")
-    else:
+    elif len(c.cells) > 1:
         lines.append(f"The best cell is separated from every other cell (each paired difference's {pct} "
                      "interval excludes 0).")
+    else:
+        lines.append("It is the only cell with per-case results: there is nothing to compare it with.")
     if c.too_small():
         lines.append(f"Warning: the test split ({len(c.subjects)} subjects) is too small to separate the cells: a "
                      f"typical interval is ±{c.typical_half_width():.3f} wide, more than the spread of the cells' "
@@ -86,6 +90,10 @@ def verdict(comparison: Comparison) -> list[str]:
 def _mean_metric(runs: list, key: str) -> float:
     values = [r.data.metrics[key] for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
     return statistics.fmean(values) if values else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
 
 
 def _claim(name: str, status: str, evidence: str) -> dict:
@@ -120,6 +128,13 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
     def cost(group: list[str], key: str) -> float:
         return _mean_metric([by[i].best for i in group], key)
 
+    def matched(a: list[str], b: list[str]) -> tuple[list[str], list[str]]:
+        """The cells of two strategy groups restricted to the (pre-training, backbone) pairs both have, so
+        that a difference between strategies is not one between pre-training methods."""
+        pairs = {(by[i].pretrain, by[i].backbone) for i in a} & {(by[i].pretrain, by[i].backbone) for i in b}
+        return ([i for i in a if (by[i].pretrain, by[i].backbone) in pairs],
+                [i for i in b if (by[i].pretrain, by[i].backbone) in pairs])
+
     # 1. reconstruction and adversarial pre-training balance accuracy and cost
     name = "Reconstruction and adversarial pre-training balance accuracy and cost"
     group = ids(lambda x: x.pretrain in ("reconstruction", "adversarial"))
@@ -128,7 +143,7 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
     method_time = {}
     for r in pretrain_runs:
         m = r.data.tags.get("pretrain", "")
-        if "time_per_epoch_s" in r.data.metrics:
+        if math.isfinite(r.data.metrics.get("time_per_epoch_s", math.nan)):
             method_time.setdefault(m, []).append(r.data.metrics["time_per_epoch_s"])
     mine = [statistics.fmean(v) for m, v in method_time.items() if m in ("reconstruction", "adversarial")]
     theirs = [statistics.fmean(v) for m, v in method_time.items() if m not in ("reconstruction", "adversarial", "none")]
@@ -136,20 +151,21 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
         out.append(_claim(name, NOT_TESTED, "needs cells of reconstruction or adversarial and of another "
                                             "pre-training method, with their pre-training runs"))
     else:
-        ratio = statistics.fmean(mine) / statistics.fmean(theirs)
+        ratio = _ratio(statistics.fmean(mine), statistics.fmean(theirs))
         evidence = (f"test score {_signed(diff['difference'])} {_ci(diff['ci'])} against the other pre-training "
                     f"methods ({diff['cells']} vs {diff['other_cells']} cells); pre-training time per epoch "
                     f"{ratio:.2f}x theirs")
-        status = _balance(diff, ratio < 1)
+        status = _balance(diff, ratio < 1) if math.isfinite(ratio) else NOT_RESOLVED
         out.append(_claim(name, status, evidence + " (supported: not resolved as less accurate, and cheaper)"))
 
     # 2. diffusion is the most resource-intensive pre-training
     name = "Diffusion pre-training is the most resource-intensive"
     costs = {}
     for r in pretrain_runs:
-        m = r.data.tags.get("pretrain", "")
-        costs.setdefault(m, []).append((r.data.metrics.get("time_per_epoch_s", math.nan),
-                                        r.data.metrics.get("peak_memory_mb", math.nan)))
+        m, metrics = r.data.tags.get("pretrain", ""), r.data.metrics
+        pair = (metrics.get("time_per_epoch_s", math.nan), metrics.get("peak_memory_mb", math.nan))
+        if all(math.isfinite(x) for x in pair):
+            costs.setdefault(m, []).append(pair)
     if "diffusion" not in costs or len(costs) < 2:
         out.append(_claim(name, NOT_TESTED, "needs the diffusion pre-training run and another method's"))
     else:
@@ -163,22 +179,22 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
 
     # 3. top-level tuning: strong segmentation at low cost
     name = "Top-level tuning gives strong segmentation at low cost"
-    top, full = ids(lambda x: x.strategy == "top"), ids(lambda x: x.strategy == "full")
-    diff = c.group_difference(top, full, "dice")
+    top, full_for_top = matched(ids(lambda x: x.strategy == "top"), ids(lambda x: x.strategy == "full"))
+    diff = c.group_difference(top, full_for_top, "dice")
     if diff is None:
         out.append(_claim(name, NOT_TESTED, "needs top and full cells"))
     else:
-        memory = cost(top, "peak_memory_mb") / cost(full, "peak_memory_mb")
-        time = cost(top, "time_per_epoch_s") / cost(full, "time_per_epoch_s")
+        memory = _ratio(cost(top, "peak_memory_mb"), cost(full_for_top, "peak_memory_mb"))
+        time = _ratio(cost(top, "time_per_epoch_s"), cost(full_for_top, "time_per_epoch_s"))
         evidence = (f"Dice {_signed(diff['difference'])} {_ci(diff['ci'])} against full fine-tuning; peak memory "
                     f"{memory:.2f}x, time per epoch {time:.2f}x full's")
-        status = _balance(diff, memory < 1 and time < 1)
+        status = _balance(diff, memory < 1 and time < 1) if math.isfinite(memory + time) else NOT_RESOLVED
         out.append(_claim(name, status, evidence + " (supported: Dice not resolved as lower, and cheaper)"))
 
     # 4. LoRA is weaker on this small-region task
     name = "LoRA is weaker on this small-region task"
-    lora = ids(lambda x: x.strategy == "lora")
-    diff = c.group_difference(lora, full, "dice")
+    lora, full_for_lora = matched(ids(lambda x: x.strategy == "lora"), ids(lambda x: x.strategy == "full"))
+    diff = c.group_difference(lora, full_for_lora, "dice")
     if diff is None:
         out.append(_claim(name, NOT_TESTED, "needs lora and full cells"))
     else:

@@ -388,9 +388,11 @@ def fit(
             val = evaluate(model, val_loader, device, spacing_mm)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["score"] = val["score"]
-            if val["score"] > best["score"]:
+            if val["score"] > best["score"]:  # what training changes: trained parameters and buffers
+                changing = {n for n, p in model.named_parameters() if p.requires_grad}
+                changing |= {n for n, _ in model.named_buffers()}
                 best = {"score": val["score"], "epoch": epoch,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in changing}}
             row.update(
                 epoch=epoch,
                 peak_memory_mb=memory.mb() if device.type == "cuda" else tensor_peak,
@@ -403,7 +405,7 @@ def fit(
             row["time_per_epoch_s"] = row["time_total_s"] / epoch
             if epoch == cfg.epochs and best["state"] is not None and best["epoch"] != epoch:
                 # the trial keeps its best epoch's weights; its last report carries their validation score
-                model.load_state_dict(best["state"])
+                model.load_state_dict(best["state"], strict=False)
                 row["score"] = best["score"]
             if epoch == cfg.epochs:
                 row["best_epoch"] = best["epoch"]
