@@ -121,6 +121,11 @@ class LocalCluster:
         self.net, self.state = net, state
         self.sessions: list[int] = []  # every session (node, server) started, for teardown
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+        # The GCS declares a node dead after `failure_threshold` missed health checks: 2 s apart with a 5 s
+        # timeout, about 10 s after a node is killed instead of Ray's default of about 30 s (the killed-node
+        # test waits for it), still lenient enough for a worker slowed by a loaded machine.
+        self.env.update(RAY_health_check_period_ms="2000", RAY_health_check_timeout_ms="5000",
+                        RAY_health_check_failure_threshold="5", RAY_health_check_initial_delay_ms="2000")
         self.env.update(PCS_CLUSTER_DIR=str(state), PCS_CLUSTER_GRACE_S="3", PYTHONUNBUFFERED="1",
                         RAY_USAGE_STATS_ENABLED="0", RAY=str(Path(sys.executable).parent / "ray"),
                         PYTHON=sys.executable, MLFLOW=str(Path(sys.executable).parent / "mlflow"))

@@ -37,7 +37,7 @@ FAULTS = [
     {"cell": "none__linear__segresnet", "kind": "kill", "epoch": 2, "times": 1},
     {"cell": "none__bitfit__segresnet", "kind": "oom", "epoch": 1, "times": 2},
 ]
-LOCK_S = 25  # longer than MLflow waits on a locked SQLite file (20 s), so writes are queued
+LOCK_S = 22  # longer than MLflow waits on a locked SQLite file (20 s), so writes are queued
 
 
 def _child_runs(out: Path) -> list:
