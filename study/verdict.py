@@ -135,6 +135,11 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
         return ([i for i in a if (by[i].pretrain, by[i].backbone) in pairs],
                 [i for i in b if (by[i].pretrain, by[i].backbone) in pairs])
 
+    def against_full(strategy: str) -> tuple[list[str], list[str], dict | None]:
+        """``strategy``'s cells, the matching full fine-tuning cells, and their paired Dice difference."""
+        mine, full = matched(ids(lambda x: x.strategy == strategy), ids(lambda x: x.strategy == "full"))
+        return mine, full, c.group_difference(mine, full, "dice")
+
     # 1. reconstruction and adversarial pre-training balance accuracy and cost
     name = "Reconstruction and adversarial pre-training balance accuracy and cost"
     group = ids(lambda x: x.pretrain in ("reconstruction", "adversarial"))
@@ -179,8 +184,7 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
 
     # 3. top-level tuning: strong segmentation at low cost
     name = "Top-level tuning gives strong segmentation at low cost"
-    top, full_for_top = matched(ids(lambda x: x.strategy == "top"), ids(lambda x: x.strategy == "full"))
-    diff = c.group_difference(top, full_for_top, "dice")
+    top, full_for_top, diff = against_full("top")
     if diff is None:
         out.append(_claim(name, NOT_TESTED, "needs top and full cells"))
     else:
@@ -193,8 +197,7 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
 
     # 4. LoRA is weaker on this small-region task
     name = "LoRA is weaker on this small-region task"
-    lora, full_for_lora = matched(ids(lambda x: x.strategy == "lora"), ids(lambda x: x.strategy == "full"))
-    diff = c.group_difference(lora, full_for_lora, "dice")
+    _, _, diff = against_full("lora")
     if diff is None:
         out.append(_claim(name, NOT_TESTED, "needs lora and full cells"))
     else:
