@@ -6,6 +6,9 @@ be told apart from the best. A ranking that does not survive a change of seed is
     python -m bench.rank_stability [--grid full] [--budget laptop] [--seeds 0,1] [--work runs/rank_stability]
     python -m bench.rank_stability --analyse-only --work runs/rank_stability   # two finished studies
 
+A seed whose folder (``<work>/seed<N>``) already holds a finished study (``report/report.json``) is not run
+again, so an interrupted measurement resumes with the study it lacks.
+
 Each study is the real launcher (``python -m study.launch``) as ``make study`` runs it; its wall time is
 recorded. Results: ``bench/results/rank_stability.json`` and a table.
 """
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     walls = {}
     if not args.analyse_only:
         for seed, folder in zip(seeds, folders, strict=True):
+            if (folder / "report" / "report.json").is_file():
+                print(f"--seed {seed}: {folder} already holds a finished study; it is reused", flush=True)
+                continue
             walls[f"wall_s_seed{seed}"] = run_study(args.grid, args.budget, seed, folder)
             print(f"--seed {seed}: {walls[f'wall_s_seed{seed}']:.0f} s", flush=True)
     row = {"grid": args.grid, "budget": args.budget, "seeds": args.seeds, **compare_runs(*folders), **walls}

@@ -68,7 +68,12 @@ class StudyPlan:
         input_size: model input size (voxels per side).
         seed: the study's seed (cohort, Optuna samplers, trial seeds).
         grace_period: epochs every fine-tuning trial runs before ASHA may stop it.
-        seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no).
+        seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no);
+            uniform repeats for every cell, instead of a race.
+        race: after the search, race the cells that can still be the best (:mod:`study.racing`): re-run
+            their best configurations a seed at a time and drop each as soon as it is shown worse.
+        race_trials: the race's budget in repeats (0: no limit on repeats).
+        race_minutes: the race's budget in minutes (0: no limit on time). With both 0 there is no race.
         splits: subjects per split of the embedded cohort (``pretrain``, ``train``, ``val``, ``test``);
             replaces ``subjects`` (empty: ~40/30/15/15% of ``subjects``).
         pretrain_params: per pre-training method, settings that replace its defaults: ``lr`` and
@@ -90,6 +95,9 @@ class StudyPlan:
     seed: int = 0
     grace_period: int = 2
     seeds: int = 0
+    race: bool = True
+    race_trials: int = 0
+    race_minutes: float = 0.0
     pretrain_params: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
 
@@ -101,10 +109,18 @@ class StudyPlan:
             self.subjects = sum(self.splits.values())
         if not self.cells:
             raise StudyInputError("the grid has no cells: check --methods/--strategies/--backbones")
+        twice = sorted({c.id for c in self.cells if sum(d.id == c.id for d in self.cells) > 1})
+        if twice:
+            raise StudyInputError(f"the grid names cell(s) {', '.join(twice)} more than once; a cell is one "
+                                  "(pretrain, strategy, backbone): keep one entry of each, with num_samples for "
+                                  "more trials")
         for method, params in self.pretrain_params.items():
             self.pretrain_settings(method, params)  # unknown methods and fields are refused here
         if self.num_samples < 1:
             raise StudyInputError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.race_trials < 0 or self.race_minutes < 0:
+            raise StudyInputError(f"the race budget must be >= 0, got {self.race_trials} trials, "
+                                  f"{self.race_minutes} minutes")
         for cell in self.cells:
             PRETRAIN_METHODS.get(cell.pretrain)
             STRATEGIES.get(cell.strategy)
@@ -136,12 +152,18 @@ class StudyPlan:
             raise StudyInputError(f"pretrain_params.{method}: {exc}") from None
         return {**settings, "method_params": method_params}
 
+    @property
+    def racing(self) -> bool:
+        """A race follows the search: racing is on, it has a budget and no uniform seed re-runs replace it."""
+        return bool(self.race and not self.seeds and (self.race_trials > 0 or self.race_minutes > 0))
+
     def samples(self, cell: Cell) -> int:
         """Search trials of ``cell``."""
         return cell.num_samples or self.num_samples
 
     def total_trials(self) -> int:
-        """Pre-training jobs + every cell's search trials + the seed re-runs."""
+        """Pre-training jobs + every cell's search trials + the seed re-runs (a race's repeats are not
+        known in advance: at most ``race_trials``)."""
         return len(self.pretrain_jobs()) + sum(self.samples(c) + self.seeds for c in self.cells)
 
     def backbone_width(self, backbone: str) -> int:
@@ -164,20 +186,22 @@ def cross(pretrain: list[str], strategies: list[str], backbones: list[str]) -> l
 # Budgets: the sizes and counts a grid is run at. Wall times are measured in bench/ (see README).
 BUDGETS: dict[str, dict] = {
     # the whole path in a couple of minutes on 2 cores
+    # (no race: its 2 test subjects cannot separate anything; --race-budget N turns one on)
     "smoke": dict(num_samples=1, pretrain_epochs=1, finetune_epochs=2, width=8, spacing_mm=4.0,
-                  input_size=(16, 16, 16), grace_period=1,
+                  input_size=(16, 16, 16), grace_period=1, race_trials=0,
                   splits={"pretrain": 4, "train": 4, "val": 2, "test": 2}),
     # the full grid on a 2-core laptop: 16^3 at 4 mm (the 64 mm crop box), narrow networks. Calibrated with
     # bench/calibrate.py (bench/RESULTS.md): 64 labelled training subjects is where from-scratch none x full
     # reaches test Dice 0.84, AUC 0.81 in 10 epochs (at 24 or 40 it learns to segment but its AUC stays
     # near 0.7); 160 unlabelled subjects for pre-training; validation and test splits large enough
-    # (80 and 320 hemispheres) for intervals that can separate cells; each trial keeps its best epoch
+    # (80 and 320 hemispheres) for intervals that can separate cells; each trial keeps its best epoch.
+    # The race after the search may run 16 repeats (none when the search has already separated the best)
     "laptop": dict(num_samples=2, pretrain_epochs=6, finetune_epochs=10, width=8, spacing_mm=4.0,
-                   input_size=(16, 16, 16), grace_period=4,
+                   input_size=(16, 16, 16), grace_period=4, race_trials=16,
                    splits={"pretrain": 160, "train": 64, "val": 40, "test": 160}),
     # a GPU cluster: 1 mm template resolution, every backbone, tens of epochs and trials per cell
     "paper": dict(num_samples=20, pretrain_epochs=50, finetune_epochs=40, width=24, spacing_mm=1.0,
-                  input_size=(64, 64, 64), grace_period=8,
+                  input_size=(64, 64, 64), grace_period=8, race_trials=100,
                   splits={"pretrain": 400, "train": 64, "val": 100, "test": 200}),
 }
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from study.grid import GRIDS, Cell, StudyPlan, select_plan
+from study.racing import FINAL as RACE_FINAL
+from study.racing import RACE_FILE, read_race
 from trainables import shared as shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
@@ -86,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma list of fine-tuning strategies to keep")
     p.add_argument("--backbones", help="comma list of backbones")
     p.add_argument("--seed", type=int, help="study seed")
-    p.add_argument("--seeds", type=int, help="re-run each cell's best configuration with N new seeds (mean +- std)")
+    p.add_argument("--seeds", type=int, help="re-run every cell's best configuration with N new seeds (uniform "
+                   "repeats instead of a race; implies --race off)")
+    p.add_argument("--race", choices=["on", "off"], default=None,
+                   help="after the search, race the cells that can still be the best: re-run their best "
+                   "configurations a seed at a time and drop each as soon as it is shown worse (default: on "
+                   "where the budget has a race budget: laptop, paper)")
+    p.add_argument("--race-budget", metavar="N|Mmin", default=None,
+                   help="the race's budget: N repeats (e.g. 16) or M minutes (e.g. 10min); "
+                   "default: the budget's (laptop 16 repeats, paper 100)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: start a local Ray")
     p.add_argument("--gpus-per-trial", type=float, default=None,
@@ -114,6 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def race_settings(args: argparse.Namespace) -> dict:
+    """StudyPlan fields from ``--race`` and ``--race-budget`` (validated), and ``--seeds``' choice of no race."""
+    race, budget = getattr(args, "race", None), getattr(args, "race_budget", None)
+    if race == "on" and args.seeds:
+        raise StudyInputError(f"--race on and --seeds {args.seeds} both add repeats after the search: --seeds "
+                              "re-runs every cell, a race only the contenders; choose one")
+    out: dict = {}
+    if race is not None:
+        out["race"] = race == "on"
+    elif args.seeds:
+        out["race"] = False
+    if budget is not None:
+        if race == "off":
+            raise StudyInputError("--race-budget sets the budget of a race, and --race off turns racing off; "
+                                  "drop one of them")
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(min|m|minutes?)?\s*", str(budget))
+        if not m or float(m.group(1)) <= 0 or (not m.group(2) and not m.group(1).isdigit()):
+            raise StudyInputError(f"--race-budget {budget!r}: give a number of repeats (e.g. 16) or of minutes "
+                                  "(e.g. 10min), greater than 0")
+        if m.group(2):
+            out.update(race_minutes=float(m.group(1)), race_trials=0)
+        else:
+            out.update(race_trials=int(m.group(1)), race_minutes=0.0)
+        out.setdefault("race", True)
+    return out
+
+
 def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
     return select_plan(
         args.grid,
@@ -124,6 +161,7 @@ def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
         num_samples=args.num_samples,
         seed=args.seed,
         seeds=args.seeds,
+        **race_settings(args),
     )
 
 
@@ -323,7 +361,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         else:
             # Only this driver process writes the Optuna studies: with an object store they stay in the output folder.
             searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
-                                     study_name=plan.name, storage_url=args.optuna_storage)
+                                     study_name=plan.name, storage_url=args.optuna_storage,
+                                     race_file=str(output / RACE_FILE))
             # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
             # trials report no selection score, and Tune's strict metric check would reject them.
             scheduler = make_scheduler(plan, args.early_stopping)
@@ -344,7 +383,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             )
         results = tuner.fit()
     unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished or len(results) < _expected_trials(plan, results):
+    race = read_race(output) if plan.racing else None
+    race_unfinished = plan.racing and (race is None or race.get("status") not in RACE_FINAL)
+    if unfinished or race_unfinished or len(results) < _expected_trials(plan, results, race):
         log.info(f"study interrupted with {unfinished} trial(s) unfinished; its state is saved. "
                  f"Continue it with: python -m study.launch --resume {output}")
         raise StudyInterrupted(str(output))
@@ -374,8 +415,9 @@ class StudyInterrupted(Exception):
     """Ctrl-C (SIGINT): Tune saved the experiment; ``--resume`` continues it."""
 
 
-def _expected_trials(plan: StudyPlan, results) -> int:
-    """Trials the finished study has: the plan's, less the cells whose pre-training failed."""
+def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
+    """Trials the finished study has: the plan's, less the cells whose pre-training failed, plus the
+    race's repeats."""
     configs = [(r, r.config or {}) for r in results]
     failed = {(c["cell"]["pretrain"], c["cell"]["backbone"]) for r, c in configs
               if r.error and c.get("stage") == "pretrain"}
@@ -384,7 +426,7 @@ def _expected_trials(plan: StudyPlan, results) -> int:
         ok = {c["cell"]["id"] for r, c in configs if not r.error and c.get("phase") == "search"
               and (r.metrics or {}).get("epoch", 0) >= plan.finetune_epochs}
         skipped += sum(plan.seeds for c in plan.cells if c.pretrain_key not in failed and c.id not in ok)
-    return plan.total_trials() - skipped
+    return plan.total_trials() - skipped + int((race or {}).get("trials_used", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

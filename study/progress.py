@@ -119,6 +119,8 @@ class ProgressCallback(Callback):
         self.ended_per_cell: dict[str, int] = {}
         self.pretrain_ended = 0
         self.running: dict[str, str] = {}  # trial id -> cell id (a pre-training job's id is not a cell)
+        self.race_running: set[str] = set()  # trial ids of a race's repeats (not counted per cell)
+        self.race_ended = 0
         self.counts = {"finished": 0, "stopped": 0, "failed": 0}
         self.best = float("-inf")
         self.best_cell = ""
@@ -156,9 +158,11 @@ class ProgressCallback(Callback):
             t.add_row("pre-training", f"{self.pretrain_ended}/{self.pretrain_jobs} jobs done, {pre_running} running")
         done, active, waiting = self.cell_counts()
         t.add_row("cells", f"{done} done, {active} in progress, {waiting} waiting (of {len(self.cell_trials)})")
+        if self.race_ended or self.race_running:
+            t.add_row("race", f"{self.race_ended} repeats ended, {len(self.race_running)} running")
         t.add_row("trials", f"{self.ended()}/{self.total} ended: {self.counts['finished']} finished, "
                             f"{self.counts['stopped']} stopped early, {self.counts['failed']} failed; "
-                            f"{len(self.running)} running")
+                            f"{len(self.running) + len(self.race_running)} running")
         t.add_row("best score", f"{self.best:.3f} ({self.best_cell})" if self.best_cell else "–")
         t.add_row("elapsed / eta", f"{duration(time.time() - self.start)} / {duration(self.eta_s())}")
         return t
@@ -173,7 +177,12 @@ class ProgressCallback(Callback):
             _screen["console"] = console
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.running[trial.trial_id] = self._cell(trial)
+        if trial.config.get("phase") == "race":  # a race's repeats are not known in advance
+            if trial.trial_id not in self.race_running:
+                self.race_running.add(trial.trial_id)
+                self.total += 1
+        else:
+            self.running[trial.trial_id] = self._cell(trial)
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -200,7 +209,10 @@ class ProgressCallback(Callback):
         cell = self._cell(trial)
         self.running.pop(trial.trial_id, None)
         self.counts[outcome] += 1
-        if cell in self.cell_trials:
+        if trial.config.get("phase") == "race":
+            self.race_running.discard(trial.trial_id)
+            self.race_ended += 1
+        elif cell in self.cell_trials:
             self.ended_per_cell[cell] = self.ended_per_cell.get(cell, 0) + 1
         else:
             self.pretrain_ended += 1

@@ -6,8 +6,11 @@ Writes ``DIR/report/``: ``report.html`` (self-contained, images embedded), ``rep
 parent run and registers each cell's best model (``pcs-<study>-<cell>``, alias ``best``).
 
 A cell's best trial is its finished (``outcome=completed``) search-phase fine-tuning run with the
-highest final validation ``score``; with seed re-runs (``phase=seeds``) of that configuration, the
-tables show mean ± sample std over the best run and its re-runs.
+highest final validation ``score``; with repeats of that configuration (seed re-runs, ``phase=seeds``, or
+a race's repeats, ``phase=race``), the tables show mean ± sample std over the best run and its repeats, and
+the statistics resample the repeats with the test subjects. A race's record (``race.json``, written by the
+searcher) becomes the report's race section: each cell's round of elimination with its evidence, the
+survivors with their intervals, and whether the race resolved the best.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ COLUMNS = {  # MLflow metric -> (heading, format)
     "task_storage_bytes": ("storage", "{}"),
 }
 MIN_IMPORTANCE_TRIALS = 3
-_SAME_CONFIG_IGNORES = {"train.seed", "output_dir", "phase"}
+_SAME_CONFIG_IGNORES = {"train.seed", "output_dir", "phase", "race_round"}
+REPEAT_PHASES = ("seeds", "race")  # re-runs of a cell's best configuration
 
 
 @dataclass
@@ -155,21 +159,23 @@ def load_study(folder: str | Path) -> Study:
         if outcome == "failed":
             failed.append({"stage": tags.get("stage", ""), "cell": tags.get("cell", ""), "trial_id":
                            tags.get("trial_id", ""), "run_id": run.info.run_id,
-                           "reason": tags.get("failure_reason", "unknown")})
+                           "reason": tags.get("failure_reason", "unknown"), "phase": tags.get("phase", ""),
+                           "race_round": tags.get("race_round")})
         if tags.get("stage") != "finetune":
             continue
         cid = tags.get("cell", "")
         cell = cells.setdefault(cid, CellResult(cid, tags.get("pretrain", ""), tags.get("strategy", ""),
                                                 tags.get("backbone", "")))
-        kind = f"seed re-runs {outcome}" if tags.get("phase") == "seeds" else outcome
+        kind = {"seeds": f"seed re-runs {outcome}", "race": f"race repeats {outcome}"}.get(tags.get("phase", ""),
+                                                                                            outcome)
         cell.counts[kind] = cell.counts.get(kind, 0) + 1
-        if tags.get("phase", "search") != "seeds" and outcome == "completed" and "score" in run.data.metrics:
+        if tags.get("phase", "search") not in REPEAT_PHASES and outcome == "completed" and "score" in run.data.metrics:
             if cell.best is None or run.data.metrics["score"] > cell.best.data.metrics["score"]:
                 cell.best = run
-    for run in runs:  # seed re-runs of each cell's best configuration
+    for run in sorted(runs, key=lambda r: int(r.data.tags.get("race_round") or 0)):  # repeats of each best configuration
         tags = run.data.tags
         cell = cells.get(tags.get("cell", ""))
-        if (cell is not None and cell.best is not None and tags.get("phase") == "seeds"
+        if (cell is not None and cell.best is not None and tags.get("phase") in REPEAT_PHASES
                 and tags.get("outcome") == "completed"
                 and _config(run.data.params) == _config(cell.best.data.params)):
             cell.seed_runs.append(run)
@@ -383,7 +389,59 @@ def summary(study: Study) -> dict:
                         "typical_ci_half_width": comparison.typical_half_width(),
                         "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
             "claims": claims(comparison, study.cells, study.pretrain_runs),
+            "race": race_summary(study, comparison),
             "cells": cells, "failed": study.failed}
+
+
+def race_summary(study: Study, comparison) -> dict | None:
+    """The race's record (``race.json``) with the MLflow side of it: the repeats each cell has in MLflow,
+    the reasons of failed repeats, the survivors' intervals over all their runs, and the text of the outcome."""
+    from study.progress import duration
+    from study.racing import read_race
+
+    race = read_race(study.folder)
+    if race is None:
+        return None
+    in_mlflow = {c.id: c.counts.get("race repeats completed", 0) for c in study.cells}
+    rows = []
+    for cell, e in sorted(race["eliminated"].items(), key=lambda kv: (kv[1]["round"], kv[0])):
+        rows.append({"cell": cell, "outcome": "eliminated", "round": e["round"], "difference": e.get("difference"),
+                     "ci": e.get("ci"), "p": e.get("p"), "holm_p": e.get("holm_p"), "reason": e.get("reason", ""),
+                     "repeats": race["repeats"].get(cell, 0), "repeats_in_mlflow": in_mlflow.get(cell, 0)})
+    last = race["rounds"][-1]["evidence"] if race["rounds"] else {}
+    for cell in race["alive"]:
+        stat = comparison.cells.get(cell)
+        e = last.get(cell, {})
+        rows.append({"cell": cell, "outcome": "best" if cell == race["best"] else "still in the race",
+                     "round": None, "difference": e.get("difference"), "ci": e.get("ci"), "p": e.get("p"),
+                     "holm_p": e.get("holm_p"), "test_score_ci": list(stat.ci["score"]) if stat else None,
+                     "test_score": stat.estimate["score"] if stat else None,
+                     "repeats": race["repeats"].get(cell, 0), "repeats_in_mlflow": in_mlflow.get(cell, 0)})
+    failed = [{**f, "reason": next((x["reason"] for x in study.failed if x.get("phase") == "race"
+                                    and x["cell"] == f["cell"] and str(x.get("race_round")) == str(f["round"])),
+                                   f["reason"])} for f in race["failed"]]
+    rounds = race["round"]
+    spent = f"{race['trials_used']} repeat(s) in {rounds} round(s), {duration(race['elapsed_s'])}"
+    budget = " and ".join(x for x in (f"{race['max_trials']} repeats" if race["max_trials"] else "",
+                                      f"{race['max_minutes']:g} minutes" if race["max_minutes"] else "") if x)
+    if race["status"] == "resolved" and rounds == 0:
+        text = f"The search alone separated the best cell, {race['best']}, from every other cell: the race needed no repeats."
+    elif race["status"] == "resolved":
+        text = (f"The race resolved the best cell: {race['best']} is separated from every other cell after {spent} "
+                f"(budget {budget}).")
+    elif race["status"] == "budget":
+        text = (f"The race's budget ({budget}) ran out after {spent}, with {len(race['alive'])} cells still in the "
+                f"race: {', '.join(race['alive'])}. The best, {race['best']}, is not separated from them; more repeats "
+                "(--race-budget) or more test subjects would be needed.")
+    elif race["status"] == "no_contest":
+        text = "No race: no cell had a finished search trial with per-case test results."
+    else:
+        text = f"The race did not finish (status {race['status']}, after {spent}); resume the study to finish it."
+    mismatch = [r["cell"] for r in rows if r["repeats"] != r["repeats_in_mlflow"]]
+    return {"status": race["status"], "text": text, "best": race["best"], "alpha": race["alpha"],
+            "max_trials": race["max_trials"], "max_minutes": race["max_minutes"], "trials_used": race["trials_used"],
+            "rounds": rounds, "elapsed_s": race["elapsed_s"], "cells": rows, "failed": failed,
+            "cells_whose_mlflow_repeats_differ": mismatch}
 
 
 def _listed(d: dict) -> dict:

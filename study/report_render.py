@@ -101,6 +101,38 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+_RACE_HEAD = ["cell", "outcome", "Δ score, best − cell [95% CI]", "p (Holm)", "test score [95% CI]",
+              "repeats (MLflow runs)"]
+
+
+def _race_rows(race: dict) -> list[list[str]]:
+    """One row per cell of the race: when it was eliminated and on what evidence, or that it survived."""
+    rows = []
+    for r in race["cells"]:
+        outcome = (f"eliminated after {'the search' if r['round'] == 0 else 'round ' + str(r['round'])}"
+                   if r["outcome"] == "eliminated" else r["outcome"]) + (f" ({r['reason']})" if r.get("reason") else "")
+        ci = r.get("ci") or [None, None]
+        diff = (f"{r['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if _finite(r.get("difference"))
+                and _finite(ci[0]) and _finite(ci[1]) else "–")
+        p = f"{r['p']:.2g} ({r['holm_p']:.2g})" if _finite(r.get("p")) and _finite(r.get("holm_p")) else "–"
+        score = r.get("test_score_ci")
+        score = (f"{r['test_score']:.3f} [{score[0]:.3f}, {score[1]:.3f}]" if score and _finite(r.get("test_score"))
+                 and _finite(score[0]) and _finite(score[1]) else "–")
+        rows.append([r["cell"], outcome, diff, p, score, f"{r['repeats']} ({r['repeats_in_mlflow']})"])
+    return rows
+
+
+def _race_lines(race: dict) -> list[str]:
+    lines = [race["text"]]
+    if race["failed"]:
+        lines.append("Failed repeats (excluded): " + "; ".join(f"{f['cell']} in round {f['round']}: {f['reason']}"
+                                                               for f in race["failed"]))
+    if race["cells_whose_mlflow_repeats_differ"]:
+        lines.append("Warning: MLflow holds another number of race repeats than the race's record for "
+                     + ", ".join(race["cells_whose_mlflow_repeats_differ"]))
+    return lines
+
+
 def _claim_rows(data: dict) -> list[list[str]]:
     return [[c["claim"], c["status"], c["evidence"]] for c in data["claims"]]
 
@@ -121,6 +153,9 @@ def render_markdown(study: Study, data: dict, figures: list[tuple[str, Path]], i
     forest, rest = figures[0], figures[1:]
     md += [f"![{forest[0]}]({forest[1].relative_to(out).as_posix()})", ""]
     md += ["## Ranking with confidence intervals", ""] + _md_table(*_ranking(data))
+    if data.get("race"):
+        md += ["## The race", "", *(line + "\n" for line in _race_lines(data["race"]))]
+        md += _md_table(_RACE_HEAD, _race_rows(data["race"]))
     md += ["## The source study's findings, tested", ""]
     md += _md_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data))
     md += ["## The study", "", *(f"- {line}" for line in _heading(study)), ""]
@@ -171,6 +206,9 @@ def render_html(study: Study, data: dict, figures: list[tuple[str, Path]], impor
              + "".join(f'<p class="{"warning" if x in warning else "verdict"}">{html.escape(x)}</p>'
                        for x in data["verdict"]["text"]) + _img(forest[0], forest[1]) + "</section>",
              "<h2>Ranking with confidence intervals</h2>" + _html_table(*_ranking(data)),
+             *(['<section id="race"><h2>The race</h2>'
+                + "".join(f"<p>{html.escape(x)}</p>" for x in _race_lines(data["race"]))
+                + _html_table(_RACE_HEAD, _race_rows(data["race"])) + "</section>"] if data.get("race") else []),
              "<h2>The source study's findings, tested</h2>"
              + _html_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data)),
              "<h2>The study</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _heading(study)) + "</ul>",

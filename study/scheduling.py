@@ -3,8 +3,8 @@
 A single ASHA over the whole study would stop every trial of a weak cell (say, a linear probe) against
 the trials of strong cells, and the study could no longer say what that cell achieves at its best. So
 each cell gets its own :class:`~ray.tune.schedulers.AsyncHyperBandScheduler`, which compares its
-trials with each other only. Pre-training trials and seed re-runs of a best configuration are never
-stopped.
+trials with each other only. Pre-training trials and repeats of a best configuration (seed re-runs, a race's) are
+never stopped.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class PerCellASHA(FIFOScheduler):
 
     def _asha(self, trial) -> AsyncHyperBandScheduler | None:
         cfg = trial.config
-        if cfg.get("stage") != "finetune" or cfg.get("phase") == "seeds":  # seed re-runs always finish
+        if cfg.get("stage") != "finetune" or cfg.get("phase") in ("seeds", "race"):  # repeats always finish
             return None
         cell = cfg.get("cell", {}).get("id", "")
         if cell not in self.cells:

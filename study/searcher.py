@@ -21,6 +21,7 @@ from ray.tune.search import Searcher
 from search_spaces import FINETUNE_SPACES
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
 from study.grid import Cell, StudyPlan
+from study.racing import Race
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 
@@ -51,11 +52,24 @@ def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, di
     return train, params
 
 
+def _case_rows(result: dict) -> list | None:
+    """The per-case test rows a fine-tuning trial reports (a JSON text under ``test_cases``), or None."""
+    from study.tracking import TEST_CASES
+
+    cases = result.get(TEST_CASES)
+    if isinstance(cases, str):
+        try:
+            cases = json.loads(cases)
+        except ValueError:
+            return None
+    return cases if isinstance(cases, list) and cases else None
+
+
 @dataclass
 class _Live:
-    kind: str  # "pretrain" | "finetune" | "seeds"
+    kind: str  # "pretrain" | "finetune" | "seeds" | "race"
     key: str  # pre-training job key or cell id
-    number: int = -1  # Optuna trial number (-1: fixed parameters, nothing to tell Optuna)
+    number: int = -1  # Optuna trial number (-1: fixed parameters, nothing to tell Optuna); a race's round
 
 
 @dataclass
@@ -67,10 +81,12 @@ class _State:
     suggested: dict[str, int] = field(default_factory=dict)  # cell id -> search trials suggested
     completed: dict[str, int] = field(default_factory=dict)  # cell id -> search trials ended (any outcome)
     best: dict[str, tuple[float, dict, dict]] = field(default_factory=dict)  # cell id -> (score, train, params)
+    best_rows: dict[str, list | None] = field(default_factory=dict)  # cell id -> per-case test rows of its best
     reruns: dict[str, int] = field(default_factory=dict)  # cell id -> seed re-runs suggested
     asked: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # trial id -> (train, params)
     live: dict[str, _Live] = field(default_factory=dict)
     cursor: int = 0
+    race: Race | None = None  # the race after the search (None: no race)
 
 
 class StudySearcher(Searcher):
@@ -80,10 +96,12 @@ class StudySearcher(Searcher):
         plan: the grid.
         make_pretrain: ``(method, backbone) -> trial config`` for a pre-training job.
         make_finetune: ``(cell, checkpoint, train params, strategy params, seed, phase) -> trial config``;
-            ``phase`` is ``search`` or ``seeds`` (a re-run of the cell's best configuration).
+            ``phase`` is ``search``, ``seeds`` (a re-run of the cell's best configuration) or ``race`` (a
+            repeat of a race round, :mod:`study.racing`; its config also carries ``race_round``).
         output: the study's output folder (holds the Optuna journal unless ``storage_url`` is given).
         storage_url: an Optuna RDB URL for the per-cell studies.
         study_name: prefix of the Optuna study names.
+        race_file: where the race's record is written as it goes (``race.json`` in the study folder).
     """
 
     def __init__(
@@ -96,6 +114,7 @@ class StudySearcher(Searcher):
         storage_url: str | None = None,
         metric: str = "score",
         mode: str = "max",
+        race_file: str | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)  # see PerCellASHA: no study-wide metric for Tune's check
         self.score_metric = metric
@@ -105,6 +124,9 @@ class StudySearcher(Searcher):
         self.cells = {c.id: c for c in plan.cells}
         jobs = [self.job_key(*k) for k in plan.pretrain_jobs()]
         self.state = _State(pretrain_pending=jobs)
+        if plan.racing:
+            self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed)
+        self.race_file = race_file
         for cell in plan.cells:  # no pre-training job (random initialisation): ready from the start
             key = self.job_key(*cell.pretrain_key)
             if key not in jobs:
@@ -149,6 +171,9 @@ class StudySearcher(Searcher):
             if config is not None:
                 st.cursor = (st.cursor + i + 1) % len(ids)
                 return config
+        config = self._suggest_race(trial_id)
+        if config is not None:
+            return config
         if self._finished():
             return Searcher.FINISHED
         return None
@@ -182,6 +207,41 @@ class StudySearcher(Searcher):
         seed = self.plan.seed * 100003 + 50000 + done + 1
         return self.make_finetune(cell, st.checkpoints[key] or None, train, params, seed, "seeds")
 
+    def _search_done(self) -> bool:
+        """Every pre-training job and every search trial has ended."""
+        st = self.state
+        if st.pretrain_pending or st.pretrain_running:
+            return False
+        return all(st.completed.get(c.id, 0) >= self.plan.samples(c) for c in self.cells.values()
+                   if self.job_key(*c.pretrain_key) not in st.pretrain_failed)
+
+    def _suggest_race(self, trial_id: str) -> dict | None:
+        """Once the search has ended: the race's next repeat (a cell's best configuration, the round's seed)."""
+        st, race = self.state, self.state.race
+        if race is None:
+            return None
+        race.tick()
+        if race.status == "waiting":
+            if not self._search_done():
+                return None
+            race.start({c.id: st.best_rows.get(c.id) for c in self.cells.values()
+                        if self.job_key(*c.pretrain_key) not in st.pretrain_failed})
+            self._write_race()
+        cell_id = race.suggest()
+        if cell_id is None:
+            return None
+        cell = self.cells[cell_id]
+        _, train, params = st.best[cell_id]
+        st.live[trial_id] = _Live("race", cell_id, race.round)
+        seed = self.plan.seed * 100003 + 70000 + race.round  # one seed per round: repeats are paired by seed
+        config = self.make_finetune(cell, st.checkpoints[self.job_key(*cell.pretrain_key)] or None, train, params,
+                                    seed, "race")
+        return {**config, "race_round": race.round}
+
+    def _write_race(self) -> None:
+        if self.state.race is not None and self.race_file:
+            self.state.race.write(self.race_file)
+
     def is_finished(self) -> bool:
         """Every trial of the study has been suggested and has ended."""
         return self._finished()
@@ -198,7 +258,7 @@ class StudySearcher(Searcher):
                 return False
             if cell.id in st.best and st.reruns.get(cell.id, 0) < self.plan.seeds:
                 return False
-        return True
+        return st.race is None or st.race.finished
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         live = self.state.live.pop(trial_id, None)
@@ -214,6 +274,9 @@ class StudySearcher(Searcher):
         if live.kind == "seeds":
             return
         st = self.state
+        if live.kind == "race":
+            self._race_result(live, result, error)
+            return
         st.completed[live.key] = st.completed.get(live.key, 0) + 1
         asked = st.asked.pop(trial_id, ({}, {}))
         if error or not result or self.score_metric not in result:
@@ -224,12 +287,23 @@ class StudySearcher(Searcher):
             state, value = optuna.trial.TrialState.COMPLETE, float(result[self.score_metric])
             if live.key not in st.best or value > st.best[live.key][0]:
                 st.best[live.key] = (value, *asked)
+                st.best_rows[live.key] = _case_rows(result)
         if live.number >= 0:
             study = self.study(live.key)
             if value is None:
                 study.tell(live.number, state=state)
             else:
                 study.tell(live.number, value)
+
+    def _race_result(self, live: _Live, result: dict | None, error: bool) -> None:
+        race = self.state.race
+        if race is None or live.number != race.round:  # a repeat of a round already evaluated
+            return
+        rows = None if error or not result else _case_rows(result)
+        reason = ("the repeat failed after its retries (its reason: the failure_reason tag of its MLflow run)"
+                  if error or not result else "" if rows else "the repeat reported no per-case test results")
+        race.record(live.key, rows, reason)
+        self._write_race()
 
     def __getstate__(self) -> dict:  # Tune pickles the searcher with the experiment; storage reopens lazily
         d = dict(self.__dict__)

@@ -20,7 +20,7 @@ def best_runs_per_cell(tracker: StudyTracker) -> dict[str, object]:
     counts: dict[str, int] = defaultdict(int)
     for run in tracker.child_runs():
         tags = run.data.tags
-        if (tags.get("stage") != "finetune" or run.info.status != "FINISHED" or tags.get("phase") == "seeds"
+        if (tags.get("stage") != "finetune" or run.info.status != "FINISHED" or tags.get("phase") in ("seeds", "race")
                 or tags.get("outcome") != "completed"):
             continue
         cell = tags.get("cell") or f"{tags.get('pretrain')}__{tags.get('strategy')}__{tags.get('backbone')}"

@@ -265,6 +265,7 @@ class MLflowTrialCallback(Callback):
                 "trial_number": str(getattr(trial, "experiment_tag", "") or "").split("_")[0],
                 "stage": cfg.get("stage", ""),
                 "phase": cfg.get("phase", ""),
+                **({"race_round": str(cfg["race_round"])} if "race_round" in cfg else {}),
                 **{("cell" if k == "id" else k): str(v) for k, v in cell.items()},
                 **self.study_tags,
             }

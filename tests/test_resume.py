@@ -112,3 +112,82 @@ def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
         told = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         completed = [r for r in runs if r.data.tags["cell"] == cell and r.info.status == "FINISHED"]
         assert len(told) == len(completed) == 2, cell
+
+
+RACE_GRID = """
+name: race
+base: smoke
+finetune_epochs: 4
+splits: {pretrain: 2, train: 16, val: 4, test: 8}
+race_trials: 6
+cells:
+  - pretrain: none
+    strategy: top
+    params: {train: {lr_encoder: 0.003, lr_decoder: 0.003, lr_heads: 0.003}}
+  - pretrain: reconstruction
+    strategy: top
+    params: {train: {lr_encoder: 0.003, lr_decoder: 0.003, lr_heads: 0.003}}
+  - pretrain: none               # a learning rate at which nothing is learned: clearly the worst cell
+    strategy: decoder
+    params: {train: {lr_encoder: 1.0e-9, lr_decoder: 1.0e-9, lr_heads: 1.0e-9}}
+"""
+
+
+def test_race_after_the_search_interrupted_mid_race_and_resumed(tmp_path) -> None:
+    from study.racing import FINAL, read_race
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(RACE_GRID)
+    out = tmp_path / "study"
+    proc = _launch("--grid", str(grid), "--output", str(out))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    race = None
+    while time.time() < deadline and proc.poll() is None:  # wait for a race under way with a repeat recorded
+        try:
+            race = read_race(out)
+        except ValueError:  # caught between writes? (the record is written atomically; read again)
+            race = None
+        if race and race["status"] == "racing" and sum(race["repeats"].values()) >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the study ended before its race could be interrupted:\n" + "".join(lines[-30:])
+    assert race and race["status"] == "racing", "".join(lines[-30:])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) == 130, "".join(lines[-30:])
+    reader.join(timeout=10)
+
+    resumed = subprocess.run([sys.executable, "-m", "study.launch", "--resume", str(out)], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    race = read_race(out)
+    assert race["status"] in FINAL
+
+    runs = _child_runs(out)
+    ids = [r.data.tags["trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)), "a trial has two MLflow runs"
+    repeats = [r for r in runs if r.data.tags.get("phase") == "race"]
+    assert len(repeats) == race["trials_used"] >= 2
+    rounds = [(r.data.tags["cell"], int(r.data.tags["race_round"])) for r in repeats]
+    assert len(rounds) == len(set(rounds)), "a cell ran twice in one round"
+    assert all(r.info.status == "FINISHED" and r.data.tags["outcome"] == "completed" for r in repeats)
+    # the clearly worst cell is eliminated after the search; no cell is re-run after its elimination
+    assert race["eliminated"]["none__decoder__segresnet"]["round"] == 0
+    for cell, rnd in rounds:
+        assert cell not in race["eliminated"] or race["eliminated"][cell]["round"] >= rnd, (cell, rnd)
+    assert {cell for cell, _ in rounds} == {"none__top__segresnet", "reconstruction__top__segresnet"}
+
+    # the report's race section matches MLflow
+    report = json.loads((out / "report" / "report.json").read_text())
+    section = report["race"]
+    assert section["status"] == race["status"] and section["trials_used"] == len(repeats)
+    assert section["cells_whose_mlflow_repeats_differ"] == []
+    for row in section["cells"]:
+        assert row["repeats"] == row["repeats_in_mlflow"] == sum(c == row["cell"] for c, _ in rounds), row
+    by_cell = {c["cell"]: c for c in report["cells"]}
+    for cell in ("none__top__segresnet", "reconstruction__top__segresnet"):  # the statistics use the repeats
+        assert by_cell[cell]["statistics"]["runs"] == 1 + sum(c == cell for c, _ in rounds)
+    html = (out / "report" / "report.html").read_text()
+    assert '<section id="race"><h2>The race</h2>' in html and "eliminated after the search" in html

@@ -1,0 +1,210 @@
+"""Racing after the search: spend the repeats on the cells that can still be the best.
+
+After every cell's search, its best configuration has one test evaluation. Uniform seed re-runs
+(``--seeds N``) give every cell N more, most of them to cells that are already clearly worse. A race
+(successive elimination, as in F-Race, Birattari et al. 2002, and irace, Lopez-Ibanez et al. 2016)
+re-runs only the contenders instead:
+
+1. **Round 0** is the search: every cell with per-case test results enters with its best run.
+2. After each round the cells still in the race are compared on the same test subjects (and the same
+   seeds: every repeat of a round uses the round's seed). The best is the cell with the highest test
+   score; for every other cell the paired bootstrap difference ``best - cell`` of the test score gives
+   a 95% interval and a two-sided p-value, and Holm's correction runs over those cells. A cell whose
+   adjusted p is below ``alpha`` (and which scores lower) is eliminated.
+3. The next round re-runs the best configuration of every remaining cell with a new seed. When the
+   trial budget left cannot pay for a whole round, the round runs the best and the cells closest to
+   it (by the difference in test score) that it can pay for.
+4. The race stops when one cell is left (``resolved``), or when the budget (trials or minutes) cannot
+   pay for another round of at least two cells (``budget``).
+
+The p-value is the bootstrap test of the paired difference: ``2 * Phi(-|d| / se)`` with ``d`` the
+difference of the point estimates and ``se`` the standard deviation of its bootstrap resamples (the
+resamples of :func:`study.stats.compare`, subjects and seeds drawn together). A p-value read off the
+resamples' signs alone could not go below ``1 / resamples``, too coarse for Holm over tens of cells.
+
+This module knows nothing of Ray or MLflow: the searcher (:mod:`study.searcher`) feeds it the per-case
+rows of finished trials and asks it which cells to re-run; the report reads the race's record
+(``race.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from study.stats import RESAMPLES, Cases, compare, holm, interval
+from trainables.atomic import atomic_write_text
+
+ALPHA = 0.05
+RACE_FILE = "race.json"
+FINAL = ("resolved", "budget", "no_contest")
+
+
+def paired_p(difference: float, samples: np.ndarray) -> float:
+    """Two-sided p of a paired difference from its bootstrap resamples (normal approximation, bootstrap SE)."""
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    if s.size < 2 or not math.isfinite(difference):
+        return float("nan")
+    se = float(np.std(s, ddof=1))
+    if se == 0.0:
+        return 1.0 if difference == 0.0 else 0.0
+    return float(2 * scipy_stats.norm.sf(abs(difference) / se))
+
+
+def evaluate(runs: dict[str, list[Cases]], alpha: float = ALPHA, resamples: int = RESAMPLES,
+             seed: int = 0) -> tuple[str | None, dict[str, dict]]:
+    """Compare the cells of ``runs`` (cell -> its runs' per-case results): the best cell, and for every
+    other cell its evidence ``{difference, ci, p, holm_p, eliminated}`` (difference = best - cell, test score).
+    """
+    if not runs:
+        return None, {}
+    comparison = compare(runs, resamples=resamples, seed=seed, paired_seeds=True)
+    best = comparison.best
+    if best is None:
+        return None, {}
+    evidence: dict[str, dict] = {}
+    for cell, stat in comparison.cells.items():
+        if cell == best:
+            continue
+        diff = comparison.samples[best]["score"] - comparison.samples[cell]["score"]
+        point = comparison.cells[best].estimate["score"] - stat.estimate["score"]
+        evidence[cell] = {"difference": float(point), "ci": list(interval(diff, comparison.confidence)),
+                          "p": paired_p(point, diff), "runs": stat.runs}
+    for cell, adjusted in zip(evidence, holm([e["p"] for e in evidence.values()]), strict=True):
+        e = evidence[cell]
+        e["holm_p"] = adjusted
+        e["eliminated"] = bool(math.isfinite(adjusted) and adjusted < alpha and e["difference"] > 0)
+    for cell in comparison.missing:  # no per-case results: cannot be compared, so cannot stay in the race
+        evidence[cell] = {"difference": float("nan"), "ci": [float("nan")] * 2, "p": float("nan"),
+                          "holm_p": float("nan"), "eliminated": True, "reason": "no per-case test results"}
+    return best, evidence
+
+
+@dataclass
+class Race:
+    """The state of one race (picklable: the searcher saves it with its own state for ``--resume``).
+
+    Args:
+        max_trials: repeats the race may run (0: no limit on trials).
+        max_minutes: minutes the race may take, counted from its start while the study runs (0: no limit).
+        alpha: the family-wise error rate of each round's eliminations (Holm).
+        seed: seeds the bootstrap, so that a race is reproducible.
+    """
+
+    max_trials: int = 0
+    max_minutes: float = 0.0
+    alpha: float = ALPHA
+    seed: int = 0
+    status: str = "waiting"  # waiting (the search runs) | racing | resolved | budget | no_contest
+    round: int = 0  # the round under way or last finished; 0 is the search
+    alive: list[str] = field(default_factory=list)
+    best: str | None = None
+    runs: dict[str, list[list[dict]]] = field(default_factory=dict)  # cell -> per-case rows of each run
+    rounds: list[dict] = field(default_factory=list)  # per finished round: cells, best, evidence
+    eliminated: dict[str, dict] = field(default_factory=dict)  # cell -> {round, difference, ci, p, holm_p}
+    queue: list[str] = field(default_factory=list)  # cells of the current round not yet suggested
+    waiting_for: list[str] = field(default_factory=list)  # cells of the current round not yet ended
+    trials_used: int = 0
+    elapsed_s: float = 0.0
+    failed: list[dict] = field(default_factory=list)  # repeats that failed: {cell, round, reason}
+    _tick: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    # -- the clock: time counts while the study runs, not while it is interrupted --------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.status == "racing" and self._tick is not None:
+            self.elapsed_s += now - self._tick
+        self._tick = now
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tick": None}
+
+    # -- the race ---------------------------------------------------------------------------------------------
+    def start(self, best_rows: dict[str, list[dict] | None]) -> None:
+        """Round 0: every cell's best search run (``None``: a cell without per-case results)."""
+        self.runs = {cell: [rows] for cell, rows in best_rows.items() if rows}
+        for cell, rows in best_rows.items():
+            if not rows:
+                self.eliminated[cell] = {"round": 0, "reason": "no finished search trial with per-case test results"}
+        self.alive = list(self.runs)
+        if not self.alive:
+            self.status = "no_contest"
+            return
+        self.status = "racing"
+        self.tick()
+        self._evaluate()
+
+    def suggest(self) -> str | None:
+        """The next cell to re-run in the current round, or None (the round is fully suggested)."""
+        return self.queue.pop(0) if self.status == "racing" and self.queue else None
+
+    def record(self, cell: str, rows: list[dict] | None, reason: str = "") -> None:
+        """A repeat of the current round ended: its per-case rows, or None and why it failed."""
+        self.tick()
+        if cell in self.waiting_for:
+            self.waiting_for.remove(cell)
+        if rows:
+            self.runs.setdefault(cell, []).append(rows)
+        else:
+            self.failed.append({"cell": cell, "round": self.round, "reason": reason or "the repeat failed"})
+        if self.status == "racing" and not self.queue and not self.waiting_for:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        runs = {c: [Cases.from_rows(r) for r in self.runs[c]] for c in self.alive}
+        best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round)
+        if best is None:  # the cells were tested on different subjects: nothing can be paired
+            self.status = "no_contest"
+            return
+        self.best = best
+        out = [c for c, e in evidence.items() if e["eliminated"]]
+        for cell in out:
+            self.eliminated[cell] = {"round": self.round, **evidence[cell]}
+        self.alive = [c for c in self.alive if c not in out]
+        self.rounds.append({"round": self.round, "cells": sorted(runs), "best": best, "evidence": evidence,
+                            "eliminated": sorted(out)})
+        self._next_round(evidence)
+
+    def _next_round(self, evidence: dict[str, dict]) -> None:
+        if len(self.alive) <= 1:
+            self.status = "resolved"
+            return
+        left = self.max_trials - self.trials_used if self.max_trials else len(self.alive)
+        if left < 2 or (self.max_minutes and self.elapsed_s >= 60 * self.max_minutes):
+            self.status = "budget"
+            return
+        # the best first, then the cells closest to it
+        contenders = sorted((c for c in self.alive if c != self.best), key=lambda c: evidence[c]["difference"])
+        cells = [self.best, *contenders][:left]
+        self.round += 1
+        self.queue, self.waiting_for = list(cells), list(cells)
+        self.trials_used += len(cells)
+
+    # -- the record ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue")}
+        d["repeats"] = {cell: len(runs) - 1 for cell, runs in self.runs.items()}
+        return d
+
+    def write(self, path: str | Path) -> None:
+        """``race.json``: the race's record for the report (strict JSON: NaN written as null)."""
+        from study.report import strict_json
+
+        atomic_write_text(Path(path), strict_json(self.to_dict()))
+
+
+def read_race(folder: str | Path) -> dict | None:
+    """A study folder's race record, or None (no race ran)."""
+    path = Path(folder) / RACE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,117 @@
+"""The race's elimination rule (study/racing.py) on fixed per-case tables: no training."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from study.racing import Race, evaluate, paired_p
+from study.stats import Cases
+
+
+def _rows(dice: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> list[dict]:
+    return [{"subject_id": f"s{i:03d}", "hemisphere": side, "dice": float(dice[i, j]),
+             "probability": float(prob[i, j]), "truth": float(truth[i, j])}
+            for i in range(len(dice)) for j, side in enumerate(("left", "right"))]
+
+
+def _table(level: float, seed: int, n: int = 60, noise: float = 0.08) -> list[dict]:
+    """A cell's per-case rows: Dice around ``level``, presence probabilities as good as ``level``."""
+    rng = np.random.default_rng(seed)
+    truth = (np.random.default_rng(99).random((n, 2)) < 0.5).astype(float)  # the same subjects for every cell
+    dice = np.clip(level + rng.normal(0, noise, (n, 2)), 0, 1)
+    prob = np.clip(np.where(truth > 0, level, 1 - level) + rng.normal(0, 0.2, (n, 2)), 0, 1)
+    return _rows(dice, prob, truth)
+
+
+def _drain(race: Race) -> list[str]:
+    """Every cell the current round re-runs."""
+    cells = []
+    while (cell := race.suggest()) is not None:
+        cells.append(cell)
+    return cells
+
+
+def test_paired_p_is_the_normal_test_of_the_bootstrap_standard_error() -> None:
+    samples = np.random.default_rng(0).normal(0.05, 0.02, 4000)
+    assert paired_p(0.05, samples) == pytest.approx(2 * scipy_stats.norm.sf(0.05 / samples.std(ddof=1)))
+    assert paired_p(0.0, samples) == pytest.approx(1.0)
+    assert paired_p(0.0, np.zeros(10)) == 1.0  # identical cells: nothing to tell apart
+
+
+def test_a_clearly_worse_cell_is_dropped_after_the_search_and_never_re_run() -> None:
+    race = Race(max_trials=10, seed=1)
+    race.start({"good": _table(0.80, 1), "close": _table(0.79, 2), "bad": _table(0.35, 3), "none": None})
+    assert race.status == "racing"
+    assert race.eliminated["bad"]["round"] == 0
+    assert race.eliminated["bad"]["holm_p"] < 0.05 < race.rounds[0]["evidence"]["close"]["holm_p"]
+    assert race.eliminated["none"]["reason"].startswith("no finished search trial")
+    assert race.alive == ["good", "close"]
+    assert race.best == "good"
+    suggested = []
+    while race.status == "racing":
+        cells = _drain(race)
+        assert cells, "a racing race has a round to run"
+        for cell in cells:
+            suggested.append(cell)
+            race.record(cell, _table(0.80 if cell == "good" else 0.79, 10 + len(suggested)))
+    assert "bad" not in suggested and "none" not in suggested
+    assert race.trials_used == len(suggested) <= 10
+
+
+def test_two_equal_cells_are_never_separated_and_the_trial_budget_stops_the_race() -> None:
+    race = Race(max_trials=7, seed=2)
+    race.start({"a": _table(0.7, 5), "b": _table(0.7, 5)})
+    while race.status == "racing":
+        for cell in _drain(race):
+            race.record(cell, _table(0.7, 40 + race.round))  # the same results for both cells, round after round
+    assert race.status == "budget"
+    assert race.alive == ["a", "b"] and not race.eliminated
+    assert all(r["evidence"][c]["p"] == 1.0 for r in race.rounds for c in r["evidence"])
+    # rounds 1-3 of two cells (6 trials); the 1 trial left cannot pay for a round of two
+    assert race.trials_used == 6
+    assert [r["round"] for r in race.rounds] == [0, 1, 2, 3]
+
+
+def test_a_round_the_budget_cannot_pay_for_in_full_races_the_best_and_its_closest_contenders() -> None:
+    race = Race(max_trials=2, seed=3)
+    race.start({"top": _table(0.75, 1), "near": _table(0.745, 2), "far": _table(0.72, 3)})
+    assert set(race.alive) == {"top", "near", "far"}
+    first, second = race.suggest(), race.suggest()
+    assert race.suggest() is None
+    near_best = min((c for c in race.alive if c != race.best), key=lambda c: race.rounds[0]["evidence"][c]["difference"])
+    assert [first, second] == [race.best, near_best]
+
+
+def test_the_time_budget_stops_the_race_and_the_clock_survives_pickling() -> None:
+    race = Race(max_minutes=1e-9)
+    race.start({"a": _table(0.7, 1), "b": _table(0.7, 2)})
+    assert race.status == "racing"  # no time has passed at the first evaluation
+    restored = pickle.loads(pickle.dumps(race))
+    for cell in (restored.suggest(), restored.suggest()):
+        restored.record(cell, _table(0.7, 3))
+    assert restored.status == "budget"
+    assert restored.elapsed_s > 0
+
+
+def test_a_failed_repeat_is_recorded_and_the_round_still_ends() -> None:
+    race = Race(max_trials=2)
+    race.start({"a": _table(0.7, 1), "b": _table(0.7, 2)})
+    a, b = race.suggest(), race.suggest()
+    race.record(a, _table(0.7, 3))
+    race.record(b, None, "out of memory")
+    assert race.failed == [{"cell": b, "round": 1, "reason": "out of memory"}]
+    assert race.status == "budget" and len(race.rounds) == 2
+    assert len(race.runs[b]) == 1 and len(race.runs[a]) == 2
+
+
+def test_evaluate_agrees_with_the_reports_statistics() -> None:
+    runs = {c: [Cases.from_rows(_table(level, s))] for c, level, s in (("x", 0.8, 1), ("y", 0.6, 2))}
+    best, evidence = evaluate(runs, seed=0)
+    assert best == "x"
+    lo, hi = evidence["y"]["ci"]
+    assert 0 < lo < evidence["y"]["difference"] < hi
+    assert evidence["y"]["eliminated"] and evidence["y"]["holm_p"] == evidence["y"]["p"]  # one comparison
