@@ -132,7 +132,10 @@ def load_grid_file(path: str | Path) -> StudyPlan:
             if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and v >= 8 for v in value)):
                 raise StudyInputError(f"grid file {path}: input_size must be a list of three integers >= 8")
             overrides[key] = tuple(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)) and not (
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise StudyInputError(f"grid file {path}: {key} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, type(default)) and not (
             isinstance(default, float) and isinstance(value, int)
         ):
             raise StudyInputError(f"grid file {path}: {key} must be a {type(default).__name__}, got {value!r}")

@@ -109,6 +109,17 @@ def _balance(diff: dict, cheaper: bool) -> str:
     return CONTRADICTED if hi < 0 or not cheaper else SUPPORTED
 
 
+def _cache_note(pretrain_runs: list) -> str:
+    """Which pre-training costs were not measured in this study: a checkpoint from the cache reports the
+    time and memory measured when it was trained."""
+    cached = sorted(r.data.tags.get("pretrain", "?") for r in pretrain_runs if r.data.metrics.get("cache_hit") == 1.0)
+    if not cached:
+        return ""
+    return (f". The checkpoint(s) of {', '.join(cached)} came from the pre-training cache: their cost is the one "
+            "measured when they were trained, in an earlier study (maybe on another machine or under another "
+            "load); clear the cache (--pretrain-cache) to measure every method here")
+
+
 def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dict]:
     """The source study's four findings, each ``supported``, ``contradicted``, ``not resolved`` or ``not
     tested`` here, with its numbers (a list of ``{claim, status, evidence}``).
@@ -161,7 +172,8 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
                     f"methods ({diff['cells']} vs {diff['other_cells']} cells); pre-training time per epoch "
                     f"{ratio:.2f}x theirs")
         status = _balance(diff, ratio < 1) if math.isfinite(ratio) else NOT_RESOLVED
-        out.append(_claim(name, status, evidence + " (supported: not resolved as less accurate, and cheaper)"))
+        out.append(_claim(name, status, evidence + " (supported: not resolved as less accurate, and cheaper)"
+                          + _cache_note(pretrain_runs)))
 
     # 2. diffusion is the most resource-intensive pre-training
     name = "Diffusion pre-training is the most resource-intensive"
@@ -180,7 +192,8 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
         evidence = "; ".join(f"{m} {t:.2f} s/epoch, {b:.0f} MB" for m, (t, b) in sorted(mean.items()))
         hits = (top_time == "diffusion") + (top_memory == "diffusion")
         status = SUPPORTED if hits == 2 else CONTRADICTED if hits == 0 else NOT_RESOLVED
-        out.append(_claim(name, status, f"pre-training cost per method (one measurement each): {evidence}"))
+        out.append(_claim(name, status, f"pre-training cost per method (one measurement each): {evidence}"
+                          + _cache_note(pretrain_runs)))
 
     # 3. top-level tuning: strong segmentation at low cost
     name = "Top-level tuning gives strong segmentation at low cost"

@@ -148,6 +148,8 @@ GRID_CASES = [
     ("pretrain_params: {magic: {}}\ncells: [{pretrain: none, strategy: full}]\n",
      "pretrain_params: unknown pre-training method 'magic'"),
     ("splits: {train: 2}\ncells: [{pretrain: none, strategy: full}]\n", "splits must give the number of subjects"),
+    ("race: maybe\ncells: [{pretrain: none, strategy: full}]\n", "race must be true or false, got 'maybe'"),
+    ("num_samples: true\ncells: [{pretrain: none, strategy: full}]\n", "num_samples must be a int, got True"),
     ("race_minutes: -1\ncells: [{pretrain: none, strategy: full}]\n", "race_minutes must be >= 0, got -1"),
     ("cells: [{pretrain: none, strategy: full}, {pretrain: none, strategy: full, num_samples: 3}]\n",
      "names cell(s) none__full__segresnet more than once"),

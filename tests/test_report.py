@@ -31,6 +31,7 @@ from study.plots import cell_importances, pareto_front
 from study.predict import predict_image
 from study.report import COLUMNS, optuna_location, write_report
 from study.searcher import optuna_storage
+from study.verdict import _cache_note
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -189,9 +190,14 @@ def test_best_configs_rerun_through_the_launcher_with_the_same_hyperparameters(s
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = json.loads((out / "study.json").read_text())["parent_run_id"]
-    runs = [r for r in client.search_runs([client.get_run(parent).info.experiment_id],
-                                          f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
-            if r.data.tags.get("stage") == "finetune"]
+    every = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                               max_results=1000)
+    runs = [r for r in every if r.data.tags.get("stage") == "finetune"]
+    # the pre-training checkpoint came from the first study's cache: the claims say its cost was measured there
+    cached = [r for r in every if r.data.tags.get("stage") == "pretrain"]
+    assert cached and all(r.data.metrics["cache_hit"] == 1.0 for r in cached)
+    assert "came from the pre-training cache" in _cache_note(cached)
+    assert _cache_note([r for r in study["runs"] if r.data.tags.get("stage") == "pretrain"]) == ""
     expected = {f"{c['pretrain']}__{c['strategy']}__{c['backbone']}" for c in grid["cells"]}
     assert len(expected) == 2 and sorted(r.data.tags["cell"] for r in runs) == sorted(expected)
     best = _expected_best(study["runs"])
