@@ -14,8 +14,10 @@ re-runs only the contenders instead:
 3. The next round re-runs the best configuration of every remaining cell with a new seed. When the
    trial budget left cannot pay for a whole round, the round runs the best and the cells closest to
    it (by the difference in test score) that it can pay for.
-4. The race stops when one cell is left (``resolved``), or when the budget (trials or minutes) cannot
-   pay for another round of at least two cells (``budget``).
+4. The race stops when one cell is left (``resolved``), when the budget (trials or minutes) cannot
+   pay for another round of at least two cells (``budget``), or when every repeat of a round failed
+   (``failed``: another round would fail alike). The minutes are checked between rounds: a round
+   that has started runs to its end.
 
 The p-value is the bootstrap test of the paired difference: ``2 * Phi(-|d| / se)`` with ``d`` the
 difference of the point estimates and ``se`` the standard deviation of its bootstrap resamples (the
@@ -43,7 +45,7 @@ from trainables.atomic import atomic_write_text
 
 ALPHA = 0.05
 RACE_FILE = "race.json"
-FINAL = ("resolved", "budget", "no_contest")
+FINAL = ("resolved", "budget", "failed", "no_contest")
 
 
 def paired_p(difference: float, samples: np.ndarray) -> float:
@@ -102,7 +104,7 @@ class Race:
     max_minutes: float = 0.0
     alpha: float = ALPHA
     seed: int = 0
-    status: str = "waiting"  # waiting (the search runs) | racing | resolved | budget | no_contest
+    status: str = "waiting"  # waiting (the search runs) | racing | resolved | budget | failed | no_contest
     round: int = 0  # the round under way or last finished; 0 is the search
     alive: list[str] = field(default_factory=list)
     best: str | None = None
@@ -114,6 +116,7 @@ class Race:
     trials_used: int = 0
     elapsed_s: float = 0.0
     failed: list[dict] = field(default_factory=list)  # repeats that failed: {cell, round, reason}
+    _round_size: int = 0
     _tick: float | None = None
 
     @property
@@ -159,6 +162,9 @@ class Race:
         else:
             self.failed.append({"cell": cell, "round": self.round, "reason": reason or "the repeat failed"})
         if self.status == "racing" and not self.queue and not self.waiting_for:
+            if sum(f["round"] == self.round for f in self.failed) >= self._round_size > 0:
+                self.status = "failed"  # every repeat of the round failed: more rounds would fail alike
+                return
             self._evaluate()
 
     def _evaluate(self) -> None:
@@ -188,12 +194,13 @@ class Race:
         contenders = sorted((c for c in self.alive if c != self.best), key=lambda c: evidence[c]["difference"])
         cells = [self.best, *contenders][:left]
         self.round += 1
+        self._round_size = len(cells)
         self.queue, self.waiting_for = list(cells), list(cells)
         self.trials_used += len(cells)
 
     # -- the record ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue", "_round_size")}
         d["repeats"] = {cell: len(runs) - 1 for cell, runs in self.runs.items()}
         return d
 

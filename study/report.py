@@ -433,6 +433,9 @@ def race_summary(study: Study, comparison) -> dict | None:
         text = (f"The race's budget ({budget}) ran out after {spent}, with {len(race['alive'])} cells still in the "
                 f"race: {', '.join(race['alive'])}. The best, {race['best']}, is not separated from them; more repeats "
                 "(--race-budget) or more test subjects would be needed.")
+    elif race["status"] == "failed":
+        text = (f"The race stopped after {spent}: every repeat of round {rounds} failed (below), so another round "
+                f"would fail alike. {len(race['alive'])} cells were still in the race: {', '.join(race['alive'])}.")
     elif race["status"] == "no_contest":
         text = "No race: no cell had a finished search trial with per-case test results."
     else:

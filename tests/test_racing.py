@@ -108,6 +108,14 @@ def test_a_failed_repeat_is_recorded_and_the_round_still_ends() -> None:
     assert len(race.runs[b]) == 1 and len(race.runs[a]) == 2
 
 
+def test_a_round_whose_repeats_all_fail_stops_the_race() -> None:
+    race = Race(max_minutes=60)  # no limit on repeats: without the stop it would run for an hour
+    race.start({"a": _table(0.7, 1), "b": _table(0.7, 2)})
+    for cell in _drain(race):
+        race.record(cell, None, "out of memory")
+    assert race.status == "failed" and race.round == 1 and len(race.failed) == 2
+
+
 def test_evaluate_agrees_with_the_reports_statistics() -> None:
     runs = {c: [Cases.from_rows(_table(level, s))] for c, level, s in (("x", 0.8, 1), ("y", 0.6, 2))}
     best, evidence = evaluate(runs, seed=0)
