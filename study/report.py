@@ -440,10 +440,19 @@ def race_summary(study: Study, comparison) -> dict | None:
         text = "No race: no cell had a finished search trial with per-case test results."
     else:
         text = f"The race did not finish (status {race['status']}, after {spent}); resume the study to finish it."
+    # a cell is eliminated on the evidence of its round; the report's verdict uses every run there is in the end
+    tied = set(comparison.tied_with_best())
+    revisited = [r["cell"] for r in rows if r["outcome"] == "eliminated" and r["cell"] in tied]
+    if revisited:
+        text += (f" On all the runs in the end, the verdict cannot tell {', '.join(revisited)} apart from the best: "
+                 "they were eliminated on the evidence available at their round, and the repeats run since have "
+                 "changed the best cell's estimate or interval (repeats of a configuration selected for its best run "
+                 "often score lower than that run).")
     mismatch = [r["cell"] for r in rows if r["repeats"] != r["repeats_in_mlflow"]]
     return {"status": race["status"], "text": text, "best": race["best"], "alpha": race["alpha"],
             "max_trials": race["max_trials"], "max_minutes": race["max_minutes"], "trials_used": race["trials_used"],
             "rounds": rounds, "elapsed_s": race["elapsed_s"], "cells": rows, "failed": failed,
+            "eliminated_but_tied_in_the_end": revisited,
             "cells_whose_mlflow_repeats_differ": mismatch}
 
 

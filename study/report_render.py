@@ -41,7 +41,8 @@ def _heading(study: Study) -> list[str]:
         f"MLflow: {study.tracking_uri}, parent run {study.parent_run_id}",
         f"Cells: {len(study.cells)} ({done} with a finished trial); fine-tuning trials: {trials}",
         "Best trial of a cell: the completed search-phase fine-tuning run with the highest final validation "
-        "score; with seed re-runs, mean ± sample std over it and its re-runs. Test metrics are on the test split.",
+        "score; with repeats of its configuration (seed re-runs or a race's), mean ± sample std over it and its "
+        "repeats. Test metrics are on the test split.",
     ]
 
 
