@@ -272,6 +272,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         args.grid = saved["args"]["grid"]
         for key, value in saved["args"].items():
             setattr(args, key, value if key not in ("address",) else args.address)
+        if "race" not in saved.get("plan", {}):  # a study started before racing existed has none
+            args.race, args.race_budget = "off", None
         args.resume = str(output)
     elif study_file.exists():
         raise StudyInputError(
@@ -283,6 +285,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     faults_from_env("")  # a malformed STUDY_INJECT_FAULTS (fault-injection testing) is refused up front
     custom_resources = _custom_resources(args.trial_resources)
     plan = _plan_from_args(args)
+    if getattr(args, "race", None) == "on" and not plan.racing:
+        raise StudyInputError("--race on: this study's budget has no race budget (the smoke budget has none); "
+                              "give one with --race-budget N (repeats) or --race-budget Mmin")
     check_ray_address(args.address)
     check_mlflow_uri(args.mlflow_uri)
     for flag, value in (("--storage", args.storage), ("--pretrain-cache", args.pretrain_cache)):
@@ -346,6 +351,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         else:
             pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
                 str(Path(shared).parent / "pretrain_cache")
+        from study import searcher as searcher_module
+
+        searcher_module.RACE_RECORD["path"] = str(output / RACE_FILE)
         factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
                                pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s)
         shares = {} if args.gpus_per_trial is not None else measure_shares(plan)

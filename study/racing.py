@@ -7,10 +7,13 @@ re-runs only the contenders instead:
 
 1. **Round 0** is the search: every cell with per-case test results enters with its best run.
 2. After each round the cells still in the race are compared on the same test subjects (and the same
-   seeds: every repeat of a round uses the round's seed). The best is the cell with the highest test
+   seeds: every repeat of a round uses the round's seed, and the bootstrap draws the same rounds for
+   every cell that has them all). The best is the cell with the highest test
    score; for every other cell the paired bootstrap difference ``best - cell`` of the test score gives
    a 95% interval and a two-sided p-value, and Holm's correction runs over those cells. A cell whose
-   adjusted p is below ``alpha`` (and which scores lower) is eliminated.
+   adjusted p is below ``alpha`` (and which scores lower) is eliminated; with fewer than ``MIN_SUBJECTS``
+   (10) test subjects nothing is, as a bootstrap over so few cannot support it. A cell whose repeats
+   failed ``MAX_FAILED_REPEATS`` (2) times leaves the race.
 3. The next round re-runs the best configuration of every remaining cell with a new seed. When the
    trial budget left cannot pay for a whole round, the round runs the best and the cells closest to
    it (by the difference in test score) that it can pay for.
@@ -44,6 +47,8 @@ from study.stats import RESAMPLES, Cases, compare, holm, interval
 from trainables.atomic import atomic_write_text
 
 ALPHA = 0.05
+MIN_SUBJECTS = 10  # fewer test subjects: the bootstrap cannot support an elimination; nothing is eliminated
+MAX_FAILED_REPEATS = 2  # a cell whose repeats failed this many times leaves the race
 RACE_FILE = "race.json"
 FINAL = ("resolved", "budget", "failed", "no_contest")
 
@@ -55,19 +60,21 @@ def paired_p(difference: float, samples: np.ndarray) -> float:
     if s.size < 2 or not math.isfinite(difference):
         return float("nan")
     se = float(np.std(s, ddof=1))
-    if se == 0.0:
-        return 1.0 if difference == 0.0 else 0.0
+    if se == 0.0:  # every resample the same: equal cells, or too few subjects to resample (undefined)
+        return 1.0 if difference == 0.0 else float("nan")
     return float(2 * scipy_stats.norm.sf(abs(difference) / se))
 
 
 def evaluate(runs: dict[str, list[Cases]], alpha: float = ALPHA, resamples: int = RESAMPLES,
-             seed: int = 0) -> tuple[str | None, dict[str, dict]]:
-    """Compare the cells of ``runs`` (cell -> its runs' per-case results): the best cell, and for every
-    other cell its evidence ``{difference, ci, p, holm_p, eliminated}`` (difference = best - cell, test score).
+             seed: int = 0, rounds: dict[str, list[int]] | None = None) -> tuple[str | None, dict[str, dict]]:
+    """Compare the cells of ``runs`` (cell -> its runs' per-case results; ``rounds``: the round of each run,
+    which pairs runs by seed): the best cell, and for every other cell its evidence ``{difference, ci, p,
+    holm_p, eliminated}`` (difference = best - cell, test score). Nothing is eliminated with fewer than
+    ``MIN_SUBJECTS`` test subjects.
     """
     if not runs:
         return None, {}
-    comparison = compare(runs, resamples=resamples, seed=seed, paired_seeds=True)
+    comparison = compare(runs, resamples=resamples, seed=seed, labels=rounds)
     best = comparison.best
     if best is None:
         return None, {}
@@ -79,10 +86,13 @@ def evaluate(runs: dict[str, list[Cases]], alpha: float = ALPHA, resamples: int 
         point = comparison.cells[best].estimate["score"] - stat.estimate["score"]
         evidence[cell] = {"difference": float(point), "ci": list(interval(diff, comparison.confidence)),
                           "p": paired_p(point, diff), "runs": stat.runs}
-    for cell, adjusted in zip(evidence, holm([e["p"] for e in evidence.values()]), strict=True):
+    # an undefined p counts as 1 in Holm's correction: the family is every cell compared
+    pvalues = [e["p"] if math.isfinite(e["p"]) else 1.0 for e in evidence.values()]
+    enough = len(comparison.subjects) >= MIN_SUBJECTS
+    for cell, adjusted in zip(evidence, holm(pvalues), strict=True):
         e = evidence[cell]
-        e["holm_p"] = adjusted
-        e["eliminated"] = bool(math.isfinite(adjusted) and adjusted < alpha and e["difference"] > 0)
+        e["holm_p"] = adjusted if math.isfinite(e["p"]) else float("nan")
+        e["eliminated"] = bool(enough and math.isfinite(e["holm_p"]) and e["holm_p"] < alpha and e["difference"] > 0)
     for cell in comparison.missing:  # no per-case results: cannot be compared, so cannot stay in the race
         evidence[cell] = {"difference": float("nan"), "ci": [float("nan")] * 2, "p": float("nan"),
                           "holm_p": float("nan"), "eliminated": True, "reason": "no per-case test results"}
@@ -109,6 +119,7 @@ class Race:
     alive: list[str] = field(default_factory=list)
     best: str | None = None
     runs: dict[str, list[list[dict]]] = field(default_factory=dict)  # cell -> per-case rows of each run
+    run_rounds: dict[str, list[int]] = field(default_factory=dict)  # cell -> the round of each run (0: search)
     rounds: list[dict] = field(default_factory=list)  # per finished round: cells, best, evidence
     eliminated: dict[str, dict] = field(default_factory=dict)  # cell -> {round, difference, ci, p, holm_p}
     queue: list[str] = field(default_factory=list)  # cells of the current round not yet suggested
@@ -137,6 +148,7 @@ class Race:
     def start(self, best_rows: dict[str, list[dict] | None]) -> None:
         """Round 0: every cell's best search run (``None``: a cell without per-case results)."""
         self.runs = {cell: [rows] for cell, rows in best_rows.items() if rows}
+        self.run_rounds = {cell: [0] for cell in self.runs}
         for cell, rows in best_rows.items():
             if not rows:
                 self.eliminated[cell] = {"round": 0, "reason": "no finished search trial with per-case test results"}
@@ -159,8 +171,12 @@ class Race:
             self.waiting_for.remove(cell)
         if rows:
             self.runs.setdefault(cell, []).append(rows)
+            self.run_rounds.setdefault(cell, []).append(self.round)
         else:
             self.failed.append({"cell": cell, "round": self.round, "reason": reason or "the repeat failed"})
+            if sum(f["cell"] == cell for f in self.failed) >= MAX_FAILED_REPEATS and cell in self.alive:
+                self.alive.remove(cell)
+                self.eliminated[cell] = {"round": self.round, "reason": f"{MAX_FAILED_REPEATS} of its repeats failed"}
         if self.status == "racing" and not self.queue and not self.waiting_for:
             if sum(f["round"] == self.round for f in self.failed) >= self._round_size > 0:
                 self.status = "failed"  # every repeat of the round failed: more rounds would fail alike
@@ -169,7 +185,8 @@ class Race:
 
     def _evaluate(self) -> None:
         runs = {c: [Cases.from_rows(r) for r in self.runs[c]] for c in self.alive}
-        best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round)
+        best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round,
+                                  rounds={c: self.run_rounds.get(c, [0] * len(runs[c])) for c in runs})
         if best is None:  # the cells were tested on different subjects: nothing can be paired
             self.status = "no_contest"
             return
@@ -191,7 +208,8 @@ class Race:
             self.status = "budget"
             return
         # the best first, then the cells closest to it
-        contenders = sorted((c for c in self.alive if c != self.best), key=lambda c: evidence[c]["difference"])
+        contenders = sorted((c for c in self.alive if c != self.best),
+                            key=lambda c: d if math.isfinite(d := evidence[c]["difference"]) else math.inf)
         cells = [self.best, *contenders][:left]
         self.round += 1
         self._round_size = len(cells)
@@ -200,7 +218,7 @@ class Race:
 
     # -- the record ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue", "_round_size")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "run_rounds", "_tick", "queue", "_round_size")}
         d["repeats"] = {cell: len(runs) - 1 for cell, runs in self.runs.items()}
         return d
 

@@ -437,7 +437,8 @@ def race_summary(study: Study, comparison) -> dict | None:
         text = (f"The race stopped after {spent}: every repeat of round {rounds} failed (below), so another round "
                 f"would fail alike. {len(race['alive'])} cells were still in the race: {', '.join(race['alive'])}.")
     elif race["status"] == "no_contest":
-        text = "No race: no cell had a finished search trial with per-case test results."
+        text = ("No race: no two cells had a finished search trial with per-case test results on the same test "
+                "subjects.")
     else:
         text = f"The race did not finish (status {race['status']}, after {spent}); resume the study to finish it."
     # a cell is eliminated on the evidence of its round; the report's verdict uses every run there is in the end

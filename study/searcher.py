@@ -12,7 +12,7 @@ import json
 import pickle
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import optuna
@@ -26,6 +26,9 @@ from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Where this driver writes the race's record (set by the launcher for a new and a resumed study alike: the
+# searcher restored by ``--resume`` carries the path of the folder where the study started).
+RACE_RECORD: dict[str, str] = {}
 
 
 def optuna_storage(url: str | None, output: str | Path) -> optuna.storages.BaseStorage | str:
@@ -239,8 +242,9 @@ class StudySearcher(Searcher):
         return {**config, "race_round": race.round}
 
     def _write_race(self) -> None:
-        if self.state.race is not None and self.race_file:
-            self.state.race.write(self.race_file)
+        path = RACE_RECORD.get("path") or self.race_file  # the launcher's: a resumed study may have moved
+        if self.state.race is not None and path:
+            self.state.race.write(path)
 
     def is_finished(self) -> bool:
         """Every trial of the study has been suggested and has ended."""
@@ -312,10 +316,16 @@ class StudySearcher(Searcher):
 
     # -- resume -----------------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
+        if self.state.race is not None:
+            self.state.race.tick()  # the race's clock up to now: time after an interruption does not count
         atomic_write(Path(checkpoint_path), lambda tmp: tmp.write_bytes(pickle.dumps(self.state)))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.state = pickle.loads(Path(checkpoint_path).read_bytes())
+        state = pickle.loads(Path(checkpoint_path).read_bytes())
+        for f in fields(_State):  # a state saved by an earlier version lacks the fields added since
+            if not hasattr(state, f.name):
+                setattr(state, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+        self.state = state
 
     def summary(self) -> str:
         st = self.state

@@ -187,7 +187,7 @@ class Comparison:
 
 
 def compare(runs: dict[str, list[Cases]], reference: str | None = None, resamples: int = RESAMPLES,
-            seed: int = 0, confidence: float = CONFIDENCE, paired_seeds: bool = False) -> Comparison:
+            seed: int = 0, confidence: float = CONFIDENCE, labels: dict[str, list] | None = None) -> Comparison:
     """Compare cells from their runs' per-case test results.
 
     Args:
@@ -196,8 +196,9 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         resamples: bootstrap resamples (shared by all cells).
         seed: seeds the resampling, so a report is reproducible.
         confidence: of every interval.
-        paired_seeds: draw the same runs for every cell that has as many runs as the most (the ``i``-th
-            run of each cell shares its seed: a race's repeats), so that seeds are paired like subjects.
+        labels: cell -> a label per run (a race's round: its repeats of a round share the round's seed).
+            The cells whose runs carry every label there is draw the same labels in each resample, so
+            their seeds are paired like their subjects; the others draw their runs on their own.
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -212,14 +213,18 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
     idx = rng.integers(0, n, size=(resamples, n))
     full = np.arange(n)[None, :]
     seeds_resampled = any(len(r) > 1 for r in runs.values())
-    most = max(len(r) for r in runs.values())
-    shared_draws = rng.integers(0, most, size=(resamples, most)) if paired_seeds else None
+    every = sorted({x for c in runs for x in (labels or {}).get(c, [])})
+    shared_draws = rng.integers(0, len(every), size=(resamples, len(every))) if labels and len(every) > 1 else None
     samples: dict[str, dict[str, np.ndarray]] = {}
     cells: dict[str, CellStats] = {}
     for cell, rs in runs.items():
         stat = CellStats(cell, runs=len(rs), subjects=n)
-        draws = shared_draws if shared_draws is not None and len(rs) == most else \
-            rng.integers(0, len(rs), size=(resamples, len(rs)))  # seeds resampled with the subjects
+        mine = (labels or {}).get(cell, [])
+        if shared_draws is not None and len(mine) == len(rs) and sorted(mine) == every:
+            rs = [rs[mine.index(x)] for x in every]  # in the shared order of labels: paired by seed
+            draws = shared_draws
+        else:
+            draws = rng.integers(0, len(rs), size=(resamples, len(rs)))  # seeds resampled with the subjects
         samples[cell] = {}
         for metric, fn in STATISTICS.items():
             per_run = np.stack([fn(x, idx) for x in rs])  # (runs, resamples)

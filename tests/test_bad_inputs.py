@@ -39,6 +39,7 @@ CLI_CASES = [
     (["--max-concurrent", "-1"], "--max-concurrent must be >= 0"),
     (["--seeds", "-2"], "--seeds must be >= 0"),
     (["--race", "on", "--seeds", "2"], "--race on and --seeds 2 both add repeats after the search"),
+    (["--grid", "smoke", "--race", "on"], "--race on: this study's budget has no race budget"),
     (["--race-budget", "lots"], "--race-budget 'lots': give a number of repeats (e.g. 16) or of minutes"),
     (["--race-budget", "0"], "--race-budget '0': give a number of repeats"),
     (["--race-budget", "2.5"], "--race-budget '2.5': give a number of repeats"),

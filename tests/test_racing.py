@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from study.racing import Race, evaluate, paired_p
-from study.stats import Cases
+from study.racing import MAX_FAILED_REPEATS, MIN_SUBJECTS, Race, evaluate, paired_p
+from study.stats import Cases, compare, interval
 
 
 def _rows(dice: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> list[dict]:
@@ -40,6 +40,7 @@ def test_paired_p_is_the_normal_test_of_the_bootstrap_standard_error() -> None:
     assert paired_p(0.05, samples) == pytest.approx(2 * scipy_stats.norm.sf(0.05 / samples.std(ddof=1)))
     assert paired_p(0.0, samples) == pytest.approx(1.0)
     assert paired_p(0.0, np.zeros(10)) == 1.0  # identical cells: nothing to tell apart
+    assert np.isnan(paired_p(0.1, np.full(10, 0.1)))  # one subject: every resample alike, no test
 
 
 def test_a_clearly_worse_cell_is_dropped_after_the_search_and_never_re_run() -> None:
@@ -116,6 +117,41 @@ def test_a_round_whose_repeats_all_fail_stops_the_race() -> None:
     assert race.status == "failed" and race.round == 1 and len(race.failed) == 2
 
 
+def test_nothing_is_eliminated_with_too_few_test_subjects() -> None:
+    race = Race(max_trials=2)
+    race.start({"good": _table(0.9, 1, n=MIN_SUBJECTS - 1), "bad": _table(0.2, 2, n=MIN_SUBJECTS - 1)})
+    assert race.rounds[0]["evidence"]["bad"]["p"] < 0.05  # clearly different, yet not enough subjects to act on
+    assert not race.eliminated and race.alive == ["good", "bad"]
+
+
+def test_a_cell_whose_repeats_keep_failing_leaves_the_race() -> None:
+    race = Race(max_trials=20)
+    race.start({"a": _table(0.7, 1), "b": _table(0.7, 2), "c": _table(0.7, 3)})
+    for round_ in range(2):
+        for cell in _drain(race):
+            race.record(cell, None if cell == "c" else _table(0.7, 10 + round_), "out of memory")
+    assert race.eliminated["c"] == {"round": 2, "reason": f"{MAX_FAILED_REPEATS} of its repeats failed"}
+    assert "c" not in race.alive and "c" not in _drain(race)
+
+
+def test_runs_labelled_by_round_are_paired_by_seed() -> None:
+    """Two cells whose every round moves both alike (a seed effect), one 0.02 below the other: paired by
+    round, the difference is known to within the subjects' noise; unpaired, the seed effect swamps it."""
+    base = [_table(level, 7, noise=0.01) for level in (0.5, 0.7, 0.6, 0.8)]
+    lower = [_table(level - 0.02, 7, noise=0.01) for level in (0.5, 0.7, 0.6, 0.8)]
+    runs = {"a": [Cases.from_rows(r) for r in base], "b": [Cases.from_rows(r) for r in lower]}
+
+    def width(labels):
+        c = compare(runs, seed=0, labels=labels)
+        lo, hi = interval(c.samples["a"]["dice"] - c.samples["b"]["dice"])
+        return hi - lo
+
+    paired = width({"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]})
+    shuffled = width({"a": [0, 1, 2, 3], "b": [3, 2, 1, 0]})  # the same runs, labelled as other rounds
+    assert paired < 0.01 < shuffled
+    assert width(None) > 0.05  # no labels: each cell draws its runs on its own
+
+
 def test_evaluate_agrees_with_the_reports_statistics() -> None:
     runs = {c: [Cases.from_rows(_table(level, s))] for c, level, s in (("x", 0.8, 1), ("y", 0.6, 2))}
     best, evidence = evaluate(runs, seed=0)
@@ -123,3 +159,17 @@ def test_evaluate_agrees_with_the_reports_statistics() -> None:
     lo, hi = evidence["y"]["ci"]
     assert 0 < lo < evidence["y"]["difference"] < hi
     assert evidence["y"]["eliminated"] and evidence["y"]["holm_p"] == evidence["y"]["p"]  # one comparison
+
+
+def test_a_searcher_state_saved_before_racing_existed_restores_without_a_race(tmp_path) -> None:
+    from study.searcher import StudySearcher, _State
+
+    state = _State(pretrain_pending=["reconstruction__segresnet"])
+    for name in ("race", "best_rows"):  # what an earlier version's pickled state lacks
+        del state.__dict__[name]
+    path = tmp_path / "searcher.pkl"
+    path.write_bytes(pickle.dumps(state))
+    searcher = StudySearcher.__new__(StudySearcher)
+    searcher.restore(str(path))
+    assert searcher.state.race is None and searcher.state.best_rows == {}
+    assert searcher.state.pretrain_pending == ["reconstruction__segresnet"]

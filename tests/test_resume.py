@@ -118,7 +118,7 @@ RACE_GRID = """
 name: race
 base: smoke
 finetune_epochs: 4
-splits: {pretrain: 2, train: 16, val: 4, test: 8}
+splits: {pretrain: 2, train: 16, val: 4, test: 12}
 race_trials: 6
 cells:
   - pretrain: none
