@@ -6,9 +6,12 @@ After every cell's search, its best configuration has one test evaluation. Unifo
 re-runs only the contenders instead:
 
 1. **Round 0** is the search: every cell with per-case test results enters with its best run.
-2. After each round the cells still in the race are compared on the same test subjects (and the same
-   seeds: every repeat of a round uses the round's seed, and the bootstrap draws the same rounds for
-   every cell that has them all). The best is the cell with the highest test
+2. After each round the cells still in the race are compared on the same test subjects (paired), each
+   cell's score the mean over its runs; every repeat of a round uses the round's seed. A single run's test-score interval covers the test subjects only;
+   between two training runs of the same configuration the score moves more than that (at the laptop
+   budget by about 0.09, against intervals of +-0.02: bench/RESULTS.md, "Rank stability"). So the test
+   adds the variation between runs, estimated from the race's own repeats (pooled over cells), and
+   eliminates nothing before there are repeats: after the search (round 0) the race only ranks. The best is the cell with the highest test
    score; for every other cell the paired bootstrap difference ``best - cell`` of the test score gives
    a 95% interval and a two-sided p-value, and Holm's correction runs over those cells. A cell whose
    adjusted p is below ``alpha`` (and which scores lower) is eliminated; with fewer than ``MIN_SUBJECTS``
@@ -22,10 +25,11 @@ re-runs only the contenders instead:
    (``failed``: another round would fail alike). The minutes are checked between rounds: a round
    that has started runs to its end.
 
-The p-value is the bootstrap test of the paired difference: ``2 * Phi(-|d| / se)`` with ``d`` the
-difference of the point estimates and ``se`` the standard deviation of its bootstrap resamples (the
-resamples of :func:`study.stats.compare`, subjects and seeds drawn together). A p-value read off the
-resamples' signs alone could not go below ``1 / resamples``, too coarse for Holm over tens of cells.
+The p-value is the normal test of the paired difference: ``2 * Phi(-|d| / se)`` with ``d`` the
+difference of the point estimates and ``se^2`` the variance of its bootstrap resamples over test subjects
+(:func:`study.stats.compare` with every run of a cell in every resample) plus ``s^2 (1/k_best + 1/k_cell)``,
+``s`` the pooled between-run standard deviation and ``k`` each cell's runs. Its interval is ``d +- 1.96 se``. A p-value read off the resamples' signs alone
+could not go below ``1 / resamples``, too coarse for Holm over tens of cells.
 
 This module knows nothing of Ray or MLflow: the searcher (:mod:`study.searcher`) feeds it the per-case
 rows of finished trials and asks it which cells to re-run; the report reads the race's record
@@ -43,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as scipy_stats
 
-from study.stats import RESAMPLES, Cases, compare, holm, interval
+from study.stats import RESAMPLES, Cases, compare, holm, interval, score_of
 from trainables.atomic import atomic_write_text
 
 ALPHA = 0.05
@@ -53,28 +57,51 @@ RACE_FILE = "race.json"
 FINAL = ("resolved", "budget", "failed", "no_contest")
 
 
-def paired_p(difference: float, samples: np.ndarray) -> float:
-    """Two-sided p of a paired difference from its bootstrap resamples (normal approximation, bootstrap SE)."""
+def paired_p(difference: float, samples: np.ndarray, extra_variance: float = 0.0) -> float:
+    """Two-sided p of a paired difference from its bootstrap resamples (normal approximation: the
+    resamples' standard deviation, with ``extra_variance`` added, is its standard error)."""
     s = np.asarray(samples, dtype=float)
     s = s[np.isfinite(s)]
     if s.size < 2 or not math.isfinite(difference):
         return float("nan")
-    se = float(np.std(s, ddof=1))
-    if se == 0.0:  # every resample the same: equal cells, or too few subjects to resample (undefined)
+    boot = float(np.var(s, ddof=1))
+    if boot == 0.0:  # every resample the same: equal cells, or too few subjects to resample (undefined)
         return 1.0 if difference == 0.0 else float("nan")
-    return float(2 * scipy_stats.norm.sf(abs(difference) / se))
+    return float(2 * scipy_stats.norm.sf(abs(difference) / math.sqrt(boot + extra_variance)))
+
+
+def run_scores(runs: list[Cases]) -> list[float]:
+    """The test score of each run, on all its test cases."""
+    return [float(score_of(c, np.arange(len(c.subjects))[None, :])[0]) for c in runs]
+
+
+def pooled_seed_sd(runs: dict[str, list[Cases]]) -> float | None:
+    """The standard deviation of one run's test score between seeds, pooled over the cells with two runs or
+    more (None when no cell has two)."""
+    num = den = 0.0
+    for rs in runs.values():
+        if len(rs) > 1:
+            scores = run_scores(rs)
+            num += (len(scores) - 1) * float(np.var(scores, ddof=1))
+            den += len(scores) - 1
+    return math.sqrt(num / den) if den else None
 
 
 def evaluate(runs: dict[str, list[Cases]], alpha: float = ALPHA, resamples: int = RESAMPLES,
-             seed: int = 0, rounds: dict[str, list[int]] | None = None) -> tuple[str | None, dict[str, dict]]:
-    """Compare the cells of ``runs`` (cell -> its runs' per-case results; ``rounds``: the round of each run,
-    which pairs runs by seed): the best cell, and for every other cell its evidence ``{difference, ci, p,
-    holm_p, eliminated}`` (difference = best - cell, test score). Nothing is eliminated with fewer than
-    ``MIN_SUBJECTS`` test subjects.
+             seed: int = 0, seed_sd: float | None = None) -> tuple[str | None, dict[str, dict]]:
+    """Compare the cells of ``runs`` (cell -> its runs' per-case results): the best cell, and for every other
+    cell its evidence ``{difference, ci, p, holm_p, eliminated}`` (difference = best - cell, test score,
+    each cell's score the mean over its runs).
+
+    The test covers two sources of variation: the test subjects (the bootstrap, paired, every run of a
+    cell in every resample) and the training run (``seed_sd``, one run's standard deviation between
+    seeds: ``seed_sd^2 (1/k_best + 1/k_cell)`` is added to the variance of the difference, ``k`` the runs
+    of each). With ``seed_sd`` None (no repeats yet, so the
+    variation between runs is unknown) or fewer than ``MIN_SUBJECTS`` test subjects, nothing is eliminated.
     """
     if not runs:
         return None, {}
-    comparison = compare(runs, resamples=resamples, seed=seed, labels=rounds)
+    comparison = compare(runs, resamples=resamples, seed=seed, resample_seeds=False)
     best = comparison.best
     if best is None:
         return None, {}
@@ -84,8 +111,17 @@ def evaluate(runs: dict[str, list[Cases]], alpha: float = ALPHA, resamples: int 
             continue
         diff = comparison.samples[best]["score"] - comparison.samples[cell]["score"]
         point = comparison.cells[best].estimate["score"] - stat.estimate["score"]
-        evidence[cell] = {"difference": float(point), "ci": list(interval(diff, comparison.confidence)),
-                          "p": paired_p(point, diff), "runs": stat.runs}
+        if seed_sd is None:
+            p, ci = float("nan"), [float("nan")] * 2
+        else:
+            extra = seed_sd**2 * (1 / comparison.cells[best].runs + 1 / stat.runs)
+            p = paired_p(point, diff, extra)
+            finite = diff[np.isfinite(diff)]
+            se = math.sqrt(float(np.var(finite, ddof=1)) + extra) if finite.size > 1 else float("nan")
+            z = float(scipy_stats.norm.ppf(0.5 + comparison.confidence / 2))
+            ci = [point - z * se, point + z * se]
+        evidence[cell] = {"difference": float(point), "ci": ci, "subjects_ci": list(interval(diff, comparison.confidence)),
+                          "p": p, "runs": stat.runs}
     # an undefined p counts as 1 in Holm's correction: the family is every cell compared
     pvalues = [e["p"] if math.isfinite(e["p"]) else 1.0 for e in evidence.values()]
     enough = len(comparison.subjects) >= MIN_SUBJECTS
@@ -185,8 +221,9 @@ class Race:
 
     def _evaluate(self) -> None:
         runs = {c: [Cases.from_rows(r) for r in self.runs[c]] for c in self.alive}
-        best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round,
-                                  rounds={c: self.run_rounds.get(c, [0] * len(runs[c])) for c in runs})
+        # the variation between training runs, from every cell's repeats so far (eliminated cells' too)
+        seed_sd = pooled_seed_sd({c: [Cases.from_rows(r) for r in rs] for c, rs in self.runs.items() if len(rs) > 1})
+        best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round, seed_sd=seed_sd)
         if best is None:  # the cells were tested on different subjects: nothing can be paired
             self.status = "no_contest"
             return
@@ -196,7 +233,7 @@ class Race:
             self.eliminated[cell] = {"round": self.round, **evidence[cell]}
         self.alive = [c for c in self.alive if c not in out]
         self.rounds.append({"round": self.round, "cells": sorted(runs), "best": best, "evidence": evidence,
-                            "eliminated": sorted(out)})
+                            "eliminated": sorted(out), "seed_sd": seed_sd})
         self._next_round(evidence)
 
     def _next_round(self, evidence: dict[str, dict]) -> None:

@@ -422,10 +422,11 @@ def race_summary(study: Study, comparison) -> dict | None:
                                    f["reason"])} for f in race["failed"]]
     rounds = race["round"]
     spent = f"{race['trials_used']} repeat(s) in {rounds} round(s), {duration(race['elapsed_s'])}"
+    seed_sd = next((r["seed_sd"] for r in reversed(race["rounds"]) if r.get("seed_sd") is not None), None)
     budget = " and ".join(x for x in (f"{race['max_trials']} repeats" if race["max_trials"] else "",
                                       f"{race['max_minutes']:g} minutes" if race["max_minutes"] else "") if x)
     if race["status"] == "resolved" and rounds == 0:
-        text = f"The search alone separated the best cell, {race['best']}, from every other cell: the race needed no repeats."
+        text = f"Only one cell, {race['best']}, had per-case test results after the search: there was nothing to race."
     elif race["status"] == "resolved":
         text = (f"The race resolved the best cell: {race['best']} is separated from every other cell after {spent} "
                 f"(budget {budget}).")
@@ -449,10 +450,13 @@ def race_summary(study: Study, comparison) -> dict | None:
                  "they were eliminated on the evidence available at their round, and the repeats run since have "
                  "changed the best cell's estimate or interval (repeats of a configuration selected for its best run "
                  "often score lower than that run).")
+    if seed_sd is not None:
+        text += (f" Between two training runs of a configuration the test score varied by {seed_sd:.3f} (standard "
+                 "deviation, pooled over the cells with repeats); the race's tests include it.")
     mismatch = [r["cell"] for r in rows if r["repeats"] != r["repeats_in_mlflow"]]
     return {"status": race["status"], "text": text, "best": race["best"], "alpha": race["alpha"],
             "max_trials": race["max_trials"], "max_minutes": race["max_minutes"], "trials_used": race["trials_used"],
-            "rounds": rounds, "elapsed_s": race["elapsed_s"], "cells": rows, "failed": failed,
+            "rounds": rounds, "elapsed_s": race["elapsed_s"], "cells": rows, "failed": failed, "seed_sd": seed_sd,
             "eliminated_but_tied_in_the_end": revisited,
             "cells_whose_mlflow_repeats_differ": mismatch}
 

@@ -102,7 +102,7 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-_RACE_HEAD = ["cell", "outcome", "Δ score, best − cell [95% CI]", "p (Holm)", "test score [95% CI]",
+_RACE_HEAD = ["cell", "outcome", "Δ score, best − cell [95% CI, subjects and runs]", "p (Holm)", "test score [95% CI]",
               "repeats (MLflow runs)"]
 
 

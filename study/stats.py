@@ -187,7 +187,7 @@ class Comparison:
 
 
 def compare(runs: dict[str, list[Cases]], reference: str | None = None, resamples: int = RESAMPLES,
-            seed: int = 0, confidence: float = CONFIDENCE, labels: dict[str, list] | None = None) -> Comparison:
+            seed: int = 0, confidence: float = CONFIDENCE, resample_seeds: bool = True) -> Comparison:
     """Compare cells from their runs' per-case test results.
 
     Args:
@@ -196,9 +196,9 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         resamples: bootstrap resamples (shared by all cells).
         seed: seeds the resampling, so a report is reproducible.
         confidence: of every interval.
-        labels: cell -> a label per run (a race's round: its repeats of a round share the round's seed).
-            The cells whose runs carry every label there is draw the same labels in each resample, so
-            their seeds are paired like their subjects; the others draw their runs on their own.
+        resample_seeds: with several runs of a cell, draw its runs with the subjects (True), or average
+            every run in each resample (False: the intervals then cover the test subjects only, and a
+            caller adds the variation between runs itself, as the race does).
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -213,18 +213,14 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
     idx = rng.integers(0, n, size=(resamples, n))
     full = np.arange(n)[None, :]
     seeds_resampled = any(len(r) > 1 for r in runs.values())
-    every = sorted({x for c in runs for x in (labels or {}).get(c, [])})
-    shared_draws = rng.integers(0, len(every), size=(resamples, len(every))) if labels and len(every) > 1 else None
     samples: dict[str, dict[str, np.ndarray]] = {}
     cells: dict[str, CellStats] = {}
     for cell, rs in runs.items():
         stat = CellStats(cell, runs=len(rs), subjects=n)
-        mine = (labels or {}).get(cell, [])
-        if shared_draws is not None and len(mine) == len(rs) and sorted(mine) == every:
-            rs = [rs[mine.index(x)] for x in every]  # in the shared order of labels: paired by seed
-            draws = shared_draws
-        else:
+        if resample_seeds:
             draws = rng.integers(0, len(rs), size=(resamples, len(rs)))  # seeds resampled with the subjects
+        else:
+            draws = np.broadcast_to(np.arange(len(rs)), (resamples, len(rs)))  # every run, every resample
         samples[cell] = {}
         for metric, fn in STATISTICS.items():
             per_run = np.stack([fn(x, idx) for x in rs])  # (runs, resamples)

@@ -77,6 +77,12 @@ def verdict(comparison: Comparison) -> list[str]:
                      "interval excludes 0).")
     else:
         lines.append("It is the only cell with per-case results: there is nothing to compare it with.")
+    if best.runs == 1 and len(c.cells) > 1:
+        lines.append("Caution: the best cell's interval comes from one training run, so it covers the choice of "
+                     "test subjects, not the variation between training runs, which can be larger (at the laptop "
+                     "budget two runs of a configuration differed by about 0.09 in test score, against intervals "
+                     "of ±0.02: bench/RESULTS.md, \"Rank stability\"). Repeats bring that variation in: a race "
+                     "(--race-budget N) or --seeds N.")
     if c.too_small():
         lines.append(f"Warning: the test split ({len(c.subjects)} subjects) is too small to separate the cells: a "
                      f"typical interval is ±{c.typical_half_width():.3f} wide, more than the spread of the cells' "

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from study.racing import MAX_FAILED_REPEATS, MIN_SUBJECTS, Race, evaluate, paired_p
-from study.stats import Cases, compare, interval
+from study.racing import (
+    MAX_FAILED_REPEATS,
+    MIN_SUBJECTS,
+    Race,
+    evaluate,
+    paired_p,
+    pooled_seed_sd,
+    run_scores,
+)
+from study.stats import Cases, compare
 
 
 def _rows(dice: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> list[dict]:
@@ -43,23 +51,25 @@ def test_paired_p_is_the_normal_test_of_the_bootstrap_standard_error() -> None:
     assert np.isnan(paired_p(0.1, np.full(10, 0.1)))  # one subject: every resample alike, no test
 
 
-def test_a_clearly_worse_cell_is_dropped_after_the_search_and_never_re_run() -> None:
+def test_a_clearly_worse_cell_is_dropped_in_round_1_and_never_re_run() -> None:
     race = Race(max_trials=10, seed=1)
+    level = {"good": 0.80, "close": 0.79, "bad": 0.35}
     race.start({"good": _table(0.80, 1), "close": _table(0.79, 2), "bad": _table(0.35, 3), "none": None})
-    assert race.status == "racing"
-    assert race.eliminated["bad"]["round"] == 0
-    assert race.eliminated["bad"]["holm_p"] < 0.05 < race.rounds[0]["evidence"]["close"]["holm_p"]
-    assert race.eliminated["none"]["reason"].startswith("no finished search trial")
-    assert race.alive == ["good", "close"]
-    assert race.best == "good"
+    # after the search the variation between runs is unknown: the race ranks, it does not eliminate yet
+    assert race.status == "racing" and race.rounds[0]["seed_sd"] is None
+    assert race.eliminated == {"none": {"round": 0, "reason": "no finished search trial with per-case test results"}}
+    assert race.best == "good" and race.alive == ["good", "close", "bad"]
     suggested = []
     while race.status == "racing":
         cells = _drain(race)
         assert cells, "a racing race has a round to run"
         for cell in cells:
-            suggested.append(cell)
-            race.record(cell, _table(0.80 if cell == "good" else 0.79, 10 + len(suggested)))
-    assert "bad" not in suggested and "none" not in suggested
+            suggested.append((race.round, cell))
+            race.record(cell, _table(level[cell], 10 + len(suggested)))
+    assert race.eliminated["bad"]["round"] == 1
+    assert race.eliminated["bad"]["holm_p"] < 0.05 < race.rounds[1]["evidence"]["close"]["holm_p"]
+    assert 0 < race.rounds[1]["seed_sd"] < 0.05
+    assert [r for r, c in suggested if c == "bad"] == [1]  # re-run in round 1, never after its elimination
     assert race.trials_used == len(suggested) <= 10
 
 
@@ -71,7 +81,7 @@ def test_two_equal_cells_are_never_separated_and_the_trial_budget_stops_the_race
             race.record(cell, _table(0.7, 40 + race.round))  # the same results for both cells, round after round
     assert race.status == "budget"
     assert race.alive == ["a", "b"] and not race.eliminated
-    assert all(r["evidence"][c]["p"] == 1.0 for r in race.rounds for c in r["evidence"])
+    assert all(r["evidence"][c]["p"] == 1.0 for r in race.rounds[1:] for c in r["evidence"])
     # rounds 1-3 of two cells (6 trials); the 1 trial left cannot pay for a round of two
     assert race.trials_used == 6
     assert [r["round"] for r in race.rounds] == [0, 1, 2, 3]
@@ -118,10 +128,31 @@ def test_a_round_whose_repeats_all_fail_stops_the_race() -> None:
 
 
 def test_nothing_is_eliminated_with_too_few_test_subjects() -> None:
+    n = MIN_SUBJECTS - 1
     race = Race(max_trials=2)
-    race.start({"good": _table(0.9, 1, n=MIN_SUBJECTS - 1), "bad": _table(0.2, 2, n=MIN_SUBJECTS - 1)})
-    assert race.rounds[0]["evidence"]["bad"]["p"] < 0.05  # clearly different, yet not enough subjects to act on
+    race.start({"good": _table(0.9, 1, n=n), "bad": _table(0.2, 2, n=n)})
+    for cell in _drain(race):
+        race.record(cell, _table(0.9 if cell == "good" else 0.2, 3, n=n))
+    assert race.rounds[1]["evidence"]["bad"]["p"] < 0.05  # clearly different, yet too few subjects to act on
     assert not race.eliminated and race.alive == ["good", "bad"]
+
+
+def test_the_variation_between_runs_decides_an_elimination() -> None:
+    runs = {"x": [Cases.from_rows(_table(0.75, 1))], "y": [Cases.from_rows(_table(0.70, 2))]}
+    _, sure = evaluate(runs, seed=0, seed_sd=0.0)
+    _, unsure = evaluate(runs, seed=0, seed_sd=0.1)  # runs that move by 0.1: a 0.05 difference means little
+    _, unknown = evaluate(runs, seed=0)
+    assert sure["y"]["eliminated"] and not unsure["y"]["eliminated"] and not unknown["y"]["eliminated"]
+    assert unsure["y"]["ci"][0] < 0 < sure["y"]["ci"][0]
+    assert np.isnan(unknown["y"]["p"])
+
+
+def test_pooled_seed_sd_against_numpy() -> None:
+    a = [Cases.from_rows(_table(level, s)) for s, level in enumerate((0.6, 0.7, 0.65))]
+    b = [Cases.from_rows(_table(level, 10 + s)) for s, level in enumerate((0.5, 0.58))]
+    va, vb = np.var(run_scores(a), ddof=1), np.var(run_scores(b), ddof=1)
+    assert pooled_seed_sd({"a": a, "b": b, "c": a[:1]}) == pytest.approx(np.sqrt((2 * va + 1 * vb) / 3))
+    assert pooled_seed_sd({"c": a[:1]}) is None
 
 
 def test_a_cell_whose_repeats_keep_failing_leaves_the_race() -> None:
@@ -134,31 +165,24 @@ def test_a_cell_whose_repeats_keep_failing_leaves_the_race() -> None:
     assert "c" not in race.alive and "c" not in _drain(race)
 
 
-def test_runs_labelled_by_round_are_paired_by_seed() -> None:
-    """Two cells whose every round moves both alike (a seed effect), one 0.02 below the other: paired by
-    round, the difference is known to within the subjects' noise; unpaired, the seed effect swamps it."""
-    base = [_table(level, 7, noise=0.01) for level in (0.5, 0.7, 0.6, 0.8)]
-    lower = [_table(level - 0.02, 7, noise=0.01) for level in (0.5, 0.7, 0.6, 0.8)]
-    runs = {"a": [Cases.from_rows(r) for r in base], "b": [Cases.from_rows(r) for r in lower]}
-
-    def width(labels):
-        c = compare(runs, seed=0, labels=labels)
-        lo, hi = interval(c.samples["a"]["dice"] - c.samples["b"]["dice"])
-        return hi - lo
-
-    paired = width({"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]})
-    shuffled = width({"a": [0, 1, 2, 3], "b": [3, 2, 1, 0]})  # the same runs, labelled as other rounds
-    assert paired < 0.01 < shuffled
-    assert width(None) > 0.05  # no labels: each cell draws its runs on its own
+def test_without_seed_resampling_every_run_is_in_every_resample() -> None:
+    runs = {"a": [Cases.from_rows(_table(level, 7, noise=0.01)) for level in (0.5, 0.7, 0.6, 0.8)]}
+    fixed = compare(runs, seed=0, resample_seeds=False)
+    drawn = compare(runs, seed=0)
+    width = {k: np.diff(c.cells["a"].ci["dice"])[0] for k, c in (("fixed", fixed), ("drawn", drawn))}
+    assert width["fixed"] < 0.02 < width["drawn"]  # the runs' spread (0.5-0.8) counts only when drawn
+    assert fixed.cells["a"].estimate == drawn.cells["a"].estimate
 
 
 def test_evaluate_agrees_with_the_reports_statistics() -> None:
     runs = {c: [Cases.from_rows(_table(level, s))] for c, level, s in (("x", 0.8, 1), ("y", 0.6, 2))}
-    best, evidence = evaluate(runs, seed=0)
+    best, evidence = evaluate(runs, seed=0, seed_sd=0.0)
     assert best == "x"
-    lo, hi = evidence["y"]["ci"]
-    assert 0 < lo < evidence["y"]["difference"] < hi
-    assert evidence["y"]["eliminated"] and evidence["y"]["holm_p"] == evidence["y"]["p"]  # one comparison
+    e = evidence["y"]
+    for lo, hi in (e["ci"], e["subjects_ci"]):  # the normal interval and the bootstrap's percentile one
+        assert 0 < lo < e["difference"] < hi
+    assert e["ci"] == pytest.approx(e["subjects_ci"], abs=0.01)  # with no variation between runs they agree
+    assert e["eliminated"] and e["holm_p"] == e["p"]  # one comparison: Holm changes nothing
 
 
 def test_a_searcher_state_saved_before_racing_existed_restores_without_a_race(tmp_path) -> None:
