@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from scipy import stats as scipy_stats
 
-from bench.common import print_table, write_result
+from bench.common import write_result
 
 METRICS = ("score", "dice", "auc")
 
@@ -41,9 +42,12 @@ def run_study(grid: str, budget: str, seed: int, folder: Path) -> float:
 
 
 def estimates(folder: Path) -> tuple[dict[str, dict[str, float]], dict]:
-    """cell -> {metric: estimate} and the verdict, from a study's report.json."""
+    """cell -> {metric: estimate, "half_width": of the test score's interval} and the verdict, from a
+    study's report.json."""
     data = json.loads((folder / "report" / "report.json").read_text())
-    cells = {c["cell"]: c["statistics"]["estimate"] for c in data["cells"] if c.get("statistics")}
+    cells = {c["cell"]: {**c["statistics"]["estimate"],
+                         "half_width": (c["statistics"]["ci"]["score"][1] - c["statistics"]["ci"]["score"][0]) / 2}
+             for c in data["cells"] if c.get("statistics")}
     return cells, data["verdict"]
 
 
@@ -62,6 +66,19 @@ def compare_runs(a: Path, b: Path) -> dict:
         y = [cells_b[c][metric] for c in common]
         rho = scipy_stats.spearmanr(x, y, nan_policy="omit")
         out[f"spearman_{metric}"] = float(rho.statistic)
+    # where the disagreement comes from: the test score of a cell moves between the runs by more than its
+    # interval (over test subjects) says
+    a = np.array([cells_a[c]["score"] for c in common])
+    b = np.array([cells_b[c]["score"] for c in common])
+    top = np.argsort(-a)[:20]
+    learned = np.maximum(a, b) > 0.5
+    out.update(pearson_score=float(scipy_stats.pearsonr(a, b).statistic),
+               spearman_score_top20_of_a=float(scipy_stats.spearmanr(a[top], b[top]).statistic),
+               cells_near_chance_in_both=int(np.sum((a < 0.35) & (b < 0.35))),
+               rms_score_change=float(np.sqrt(np.mean((a - b) ** 2))),
+               rms_score_change_cells_that_learn=float(np.sqrt(np.mean((a - b)[learned] ** 2))),
+               cells_that_learn=int(learned.sum()),
+               median_ci_half_width_a=float(np.median([cells_a[c]["half_width"] for c in common])))
     return out
 
 
@@ -87,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             walls[f"wall_s_seed{seed}"] = run_study(args.grid, args.budget, seed, folder)
             print(f"--seed {seed}: {walls[f'wall_s_seed{seed}']:.0f} s", flush=True)
     row = {"grid": args.grid, "budget": args.budget, "seeds": args.seeds, **compare_runs(*folders), **walls}
-    print_table([row], list(row))
+    for key, value in row.items():  # one per line: the row is too wide for a table
+        print(f"{key:36s} {value:.4g}" if isinstance(value, float) else f"{key:36s} {value}")
     write_result("rank_stability", "python -m bench.rank_stability " + " ".join(argv or sys.argv[1:]), [row])
     return 0
 

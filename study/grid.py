@@ -195,9 +195,9 @@ BUDGETS: dict[str, dict] = {
     # reaches test Dice 0.84, AUC 0.81 in 10 epochs (at 24 or 40 it learns to segment but its AUC stays
     # near 0.7); 160 unlabelled subjects for pre-training; validation and test splits large enough
     # (80 and 320 hemispheres) for intervals that can separate cells; each trial keeps its best epoch.
-    # The race after the search may run 16 repeats (none when the search has already separated the best)
+    # The race after the search may run 10 repeats: round 1 re-runs the best cell and the 9 closest to it
     "laptop": dict(num_samples=2, pretrain_epochs=6, finetune_epochs=10, width=8, spacing_mm=4.0,
-                   input_size=(16, 16, 16), grace_period=4, race_trials=16,
+                   input_size=(16, 16, 16), grace_period=4, race_trials=10,
                    splits={"pretrain": 160, "train": 64, "val": 40, "test": 160}),
     # a GPU cluster: 1 mm template resolution, every backbone, tens of epochs and trials per cell
     "paper": dict(num_samples=20, pretrain_epochs=50, finetune_epochs=40, width=24, spacing_mm=1.0,

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "where the budget has a race budget: laptop, paper)")
     p.add_argument("--race-budget", metavar="N|Mmin", default=None,
                    help="the race's budget: N repeats (e.g. 16) or M minutes (e.g. 10min); "
-                   "default: the budget's (laptop 16 repeats, paper 100)")
+                   "default: the budget's (laptop 10 repeats, paper 100)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: start a local Ray")
     p.add_argument("--gpus-per-trial", type=float, default=None,
