@@ -10,6 +10,7 @@ it on a local cluster). Its value is a JSON list of faults::
   divergence check stops the trial), ``oom`` (a ``torch.OutOfMemoryError`` like CUDA raises),
   ``raise`` (a ``RuntimeError``), ``kill`` (the trial's process sends itself SIGKILL).
 - ``cell``: a cell id, or ``*`` for every fine-tuning trial.
+- ``phase``: ``search``, ``seeds`` or ``race`` (a race's repeats), or ``*`` (default) for every phase.
 - ``epoch``: the training epoch (1-based) in which the fault fires, at the first training batch.
 - ``times``: how many trial attempts it fires in, counted over the cell's trials and their retries
   with marker files in ``STUDY_FAULT_DIR``: ``times: 1`` with ``--max-failures 1`` makes a trial
@@ -41,6 +42,7 @@ class Fault:
     cell: str = "*"
     epoch: int = 1
     times: int = 1
+    phase: str = "*"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,8 +51,8 @@ class Fault:
             raise StudyInputError(f"{ENV_FAULTS}: 'epoch' and 'times' must be integers >= 1 in {self}")
 
 
-def faults_from_env(cell_id: str) -> list[tuple[int, Fault]]:
-    """The faults of ``STUDY_INJECT_FAULTS`` that apply to ``cell_id``, with their index in the list."""
+def faults_from_env(cell_id: str, phase: str = "") -> list[tuple[int, Fault]]:
+    """The faults of ``STUDY_INJECT_FAULTS`` that apply to ``cell_id`` in ``phase``, with their index in the list."""
     text = os.environ.get(ENV_FAULTS, "").strip()
     if not text:
         return []
@@ -62,7 +64,7 @@ def faults_from_env(cell_id: str) -> list[tuple[int, Fault]]:
         raise StudyInputError(f"{ENV_FAULTS} is not a JSON list of faults ({exc}); see trainables/faults.py") from exc
     if faults and not os.environ.get(ENV_DIR):
         raise StudyInputError(f"{ENV_FAULTS} is set but {ENV_DIR} is not: set it to a folder for the fault counters")
-    return [(i, f) for i, f in enumerate(faults) if f.cell in ("*", cell_id)]
+    return [(i, f) for i, f in enumerate(faults) if f.cell in ("*", cell_id) and f.phase in ("*", phase)]
 
 
 def _claim(index: int, fault: Fault) -> bool:

@@ -159,10 +159,11 @@ def apply_strategy(model: torch.nn.Module, spec: FinetuneTrial) -> torch.nn.Modu
     return strategy.apply(model, strategy.make_config(spec.strategy_params))
 
 
-def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None, cell_id: str = "") -> dict:
+def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None, cell_id: str = "",
+                 phase: str = "") -> dict:
     """Fine-tune and evaluate; reports every epoch (``score`` = validation selection score).
 
-    ``cell_id`` selects the faults of ``STUDY_INJECT_FAULTS`` that apply (see :mod:`trainables.faults`).
+    ``cell_id`` and ``phase`` select the faults of ``STUDY_INJECT_FAULTS`` that apply (see :mod:`trainables.faults`).
     """
     train = load_split(spec.data, "train")
     loaders = {
@@ -174,7 +175,7 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
     initial_body = base.body_fingerprint()  # which weights the trial started from (an MLflow tag)
     model = apply_strategy(base, spec)
     storage = task_storage_bytes(model)
-    injector = FaultInjector(model, faults_from_env(cell_id), start_epoch=int(resume["epoch"]) + 1 if resume else 1)
+    injector = FaultInjector(model, faults_from_env(cell_id, phase), start_epoch=int(resume["epoch"]) + 1 if resume else 1)
 
     def on_epoch(epoch: int, metrics: dict, state: Callable[[], dict]) -> None:
         injector.epoch_done(epoch)
@@ -219,5 +220,6 @@ def run_trial(config: dict, report: Report, resume: dict | None = None) -> dict:
     if stage == "pretrain":
         return run_pretrain(PretrainTrial.from_dict(config), report)
     if stage == "finetune":
-        return run_finetune(FinetuneTrial.from_dict(config), report, resume, cell_id=config.get("cell", {}).get("id", ""))
+        return run_finetune(FinetuneTrial.from_dict(config), report, resume, cell_id=config.get("cell", {}).get("id", ""),
+                            phase=config.get("phase", ""))
     raise StudyInputError(f"trial config has stage {stage!r}; expected 'pretrain' or 'finetune'")
