@@ -223,9 +223,14 @@ def reference_cell(study: Study) -> str | None:
 def compare_cells(study: Study):
     """The statistics of :mod:`study.stats` over the cells with per-case results (stored on the study)."""
     from study import stats
+    from study.racing import pooled_seed_sd
 
-    study.comparison = stats.compare({c.id: c.cases for c in study.cells if c.best is not None},
-                                     reference=reference_cell(study), seed=int(study.plan.get("seed") or 0))
+    runs = {c.id: c.cases for c in study.cells if c.best is not None}
+    # with repeats of some cells (a race, --seeds), every difference from the best is tested against the
+    # variation between training runs too, not only against the test subjects'
+    sd = pooled_seed_sd({c: rs for c, rs in runs.items() if len(rs) > 1})
+    study.comparison = stats.compare(runs, reference=reference_cell(study), seed=int(study.plan.get("seed") or 0),
+                                     between_run_sd=sd)
     return study.comparison
 
 
@@ -386,6 +391,7 @@ def summary(study: Study) -> dict:
                         "test_subjects": len(comparison.subjects), "resamples": comparison.resamples,
                         "confidence": comparison.confidence, "seeds_resampled": comparison.seeds_resampled,
                         "too_small_to_separate": comparison.too_small(),
+                        "between_run_sd": comparison.between_run_sd,
                         "typical_ci_half_width": comparison.typical_half_width(),
                         "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
             "claims": claims(comparison, study.cells, study.pretrain_runs),

@@ -150,6 +150,7 @@ class Comparison:
     seeds_resampled: bool
     missing: list[str]  # cells without per-case results (not compared)
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    between_run_sd: float | None = None  # the variation between runs added to the differences from the best
 
     def tied_with_best(self) -> list[str]:
         """The cells the data cannot tell apart from the best (the best included), best score first."""
@@ -187,7 +188,8 @@ class Comparison:
 
 
 def compare(runs: dict[str, list[Cases]], reference: str | None = None, resamples: int = RESAMPLES,
-            seed: int = 0, confidence: float = CONFIDENCE, resample_seeds: bool = True) -> Comparison:
+            seed: int = 0, confidence: float = CONFIDENCE, resample_seeds: bool = True,
+            between_run_sd: float | None = None) -> Comparison:
     """Compare cells from their runs' per-case test results.
 
     Args:
@@ -199,6 +201,11 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         resample_seeds: with several runs of a cell, draw its runs with the subjects (True), or average
             every run in each resample (False: the intervals then cover the test subjects only, and a
             caller adds the variation between runs itself, as the race does).
+        between_run_sd: one run's standard deviation of the test score between seeds (pooled over cells
+            with repeats). Given, the difference of each cell from the best is tested against the test
+            subjects (bootstrap, every run of a cell in every resample) and this variation
+            (``sd^2 (1/k_best + 1/k_cell)``, ``k`` the runs): a normal interval, so that a cell with one
+            run is not called separated on the test subjects' variation alone.
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -214,6 +221,7 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
     full = np.arange(n)[None, :]
     seeds_resampled = any(len(r) > 1 for r in runs.values())
     samples: dict[str, dict[str, np.ndarray]] = {}
+    subject_only: dict[str, np.ndarray] = {}
     cells: dict[str, CellStats] = {}
     for cell, rs in runs.items():
         stat = CellStats(cell, runs=len(rs), subjects=n)
@@ -224,6 +232,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         samples[cell] = {}
         for metric, fn in STATISTICS.items():
             per_run = np.stack([fn(x, idx) for x in rs])  # (runs, resamples)
+            if metric == "score":
+                subject_only[cell] = per_run.mean(axis=0)  # every run in every resample: test subjects only
             with warnings.catch_warnings():  # an AUC undefined in every drawn run stays NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 samples[cell][metric] = np.nanmean(per_run[draws, np.arange(resamples)[:, None]], axis=1) \
@@ -259,10 +269,20 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         if cell == best:
             stat.indistinguishable_from_best = True
             continue
-        lo, hi = interval(samples[best]["score"] - samples[cell]["score"], confidence)
+        if between_run_sd is None:
+            lo, hi = interval(samples[best]["score"] - samples[cell]["score"], confidence)
+        else:
+            d = subject_only[best] - subject_only[cell]
+            d = d[np.isfinite(d)]
+            se = np.sqrt((np.var(d, ddof=1) if d.size > 1 else 0.0)
+                         + between_run_sd**2 * (1 / cells[best].runs + 1 / stat.runs))
+            point = cells[best].estimate["score"] - stat.estimate["score"]
+            z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+            lo, hi = float(point - z * se), float(point + z * se)
         stat.vs_best = {"difference": cells[best].estimate["score"] - stat.estimate["score"], "ci": (lo, hi)}
         stat.indistinguishable_from_best = bool(lo <= 0.0)
-    return Comparison(cells, common, reference, best, resamples, confidence, seeds_resampled, missing, samples)
+    return Comparison(cells, common, reference, best, resamples, confidence, seeds_resampled, missing, samples,
+                      between_run_sd)
 
 
 def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:

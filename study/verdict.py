@@ -70,11 +70,11 @@ def verdict(comparison: Comparison) -> list[str]:
     if tied:
         shown = ", ".join(tied[:12]) + (f" and {len(tied) - 12} more" if len(tied) > 12 else "")
         lines.append(f"The data cannot tell the best cell apart from {len(tied)} other cell(s): {shown} (the "
-                     f"{pct} interval of the paired difference in test score includes 0). Choose among them on "
-                     "cost, or add test subjects or seeds.")
+                     f"{pct} interval of the paired difference in test score includes 0{_runs_note(c)}). Choose "
+                     "among them on cost, or add test subjects or seeds.")
     elif len(c.cells) > 1:
         lines.append(f"The best cell is separated from every other cell (each paired difference's {pct} "
-                     "interval excludes 0).")
+                     f"interval excludes 0{_runs_note(c)}).")
     else:
         lines.append("It is the only cell with per-case results: there is nothing to compare it with.")
     if best.runs == 1 and len(c.cells) > 1:
@@ -91,6 +91,13 @@ def verdict(comparison: Comparison) -> list[str]:
         lines.append(f"{len(c.missing)} cell(s) have no per-case results and are not compared: "
                      + ", ".join(c.missing[:8]) + ("…" if len(c.missing) > 8 else ""))
     return lines
+
+
+def _runs_note(c: Comparison) -> str:
+    if c.between_run_sd is None:
+        return ""
+    return (f"; these intervals include the variation between training runs, a standard deviation of "
+            f"{c.between_run_sd:.3f} in test score pooled from the cells' repeats")
 
 
 def _mean_metric(runs: list, key: str) -> float:

@@ -119,3 +119,23 @@ def test_only_subjects_every_cell_has_are_compared_and_cells_without_cases_are_l
     comparison = compare({"a": [a], "b": [b], "c": []})
     assert comparison.subjects == a.subjects and comparison.missing == ["c"]
     assert all(math.isnan(v) for v in interval(np.array([np.nan, np.nan])))
+
+
+def test_the_variation_between_runs_widens_the_difference_from_the_best() -> None:
+    rng = np.random.default_rng(8)
+    truth = (rng.random((200, 2)) < 0.5).astype(float)
+    prob = np.clip(truth * 0.6 + 0.2 + rng.normal(0, 0.05, (200, 2)), 0, 1)
+    best = _cases(np.clip(0.80 + rng.normal(0, 0.05, (200, 2)), 0, 1), prob, truth)
+    other = _cases(np.clip(0.76 + rng.normal(0, 0.05, (200, 2)), 0, 1), prob, truth)
+    runs = {"best": [best, best], "other": [other]}
+    subjects_only = compare(runs, seed=1)
+    with_runs = compare(runs, seed=1, between_run_sd=0.05)
+    assert not subjects_only.cells["other"].indistinguishable_from_best  # 200 subjects separate 0.02 in score
+    assert with_runs.cells["other"].indistinguishable_from_best  # runs that move by 0.05 do not
+    # the interval, independently: every run in every resample, plus sd^2 (1/2 + 1/1)
+    idx = np.random.default_rng(1).integers(0, 200, size=(2000, 200))
+    d = score_of(best, idx) - score_of(other, idx)
+    point = with_runs.cells["best"].estimate["score"] - with_runs.cells["other"].estimate["score"]
+    half = 1.959964 * math.sqrt(np.var(d, ddof=1) + 0.05**2 * 1.5)
+    lo, hi = with_runs.cells["other"].vs_best["ci"]
+    assert lo == pytest.approx(point - half, rel=0.05) and hi == pytest.approx(point + half, rel=0.05)
