@@ -79,6 +79,14 @@ def compare_runs(a: Path, b: Path) -> dict:
                rms_score_change_cells_that_learn=float(np.sqrt(np.mean((a - b)[learned] ** 2))),
                cells_that_learn=int(learned.sum()),
                median_ci_half_width_a=float(np.median([cells_a[c]["half_width"] for c in common])))
+    # A classical test-retest reading: one run's noise variance s2 (half the mean squared change), the cells'
+    # true spread (observed variance less s2), and the Pearson correlation to expect between two studies
+    # whose cells each average k runs.
+    s2 = float(np.mean((a - b) ** 2) / 2)
+    spread = float((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2) - s2
+    out["run_sd_all_cells"] = s2**0.5
+    for k in (1, 2, 3):
+        out[f"expected_pearson_with_{k}_runs_per_cell"] = spread / (spread + s2 / k)
     return out
 
 
