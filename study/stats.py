@@ -129,6 +129,7 @@ class CellStats:
     subjects: int
     estimate: dict[str, float] = field(default_factory=dict)
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    subjects_ci: tuple[float, float] | None = None  # the test score's interval over the test subjects alone
     vs_reference: dict[str, dict] = field(default_factory=dict)  # metric -> {difference, ci}
     wilcoxon_p: float | None = None
     holm_p: float | None = None
@@ -163,9 +164,10 @@ class Comparison:
         return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
     def typical_half_width(self) -> float:
-        """The median half-width of the cells' test-score intervals."""
-        widths = [(s.ci["score"][1] - s.ci["score"][0]) / 2 for s in self.cells.values()
-                  if np.isfinite(s.ci["score"][0])]
+        """The median half-width of the cells' test-score intervals over the test subjects (what a larger
+        test split would narrow)."""
+        widths = [(lo - hi) / -2 for lo, hi in (s.subjects_ci or s.ci["score"] for s in self.cells.values())
+                  if np.isfinite(lo)]
         return float(np.median(widths)) if widths else float("nan")
 
     def too_small(self) -> bool:
@@ -202,10 +204,10 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             every run in each resample (False: the intervals then cover the test subjects only, and a
             caller adds the variation between runs itself, as the race does).
         between_run_sd: one run's standard deviation of the test score between seeds (pooled over cells
-            with repeats). Given, the difference of each cell from the best is tested against the test
-            subjects (bootstrap, every run of a cell in every resample) and this variation
-            (``sd^2 (1/k_best + 1/k_cell)``, ``k`` the runs): a normal interval, so that a cell with one
-            run is not called separated on the test subjects' variation alone.
+            with repeats). Given, each cell's test-score interval and its difference from the best are
+            normal intervals over the test subjects (bootstrap, every run of a cell in every resample) and
+            this variation (``sd^2 / k`` for a cell, ``sd^2 (1/k_best + 1/k_cell)`` for a difference, ``k``
+            the runs), so that a cell with one run does not look surer than it is.
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -240,6 +242,13 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
                     if len(rs) > 1 else per_run[0]
                 stat.estimate[metric] = float(np.nanmean([fn(x, full)[0] for x in rs]))
             stat.ci[metric] = interval(samples[cell][metric], confidence)
+            if metric == "score":
+                stat.subjects_ci = interval(subject_only[cell], confidence)
+                if between_run_sd is not None:  # the training runs' variation too (see vs_best below)
+                    finite = subject_only[cell][np.isfinite(subject_only[cell])]
+                    se = np.sqrt((np.var(finite, ddof=1) if finite.size > 1 else 0.0) + between_run_sd**2 / len(rs))
+                    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+                    stat.ci[metric] = (float(stat.estimate[metric] - z * se), float(stat.estimate[metric] + z * se))
         cells[cell] = stat
 
     reference = reference if reference in cells else None

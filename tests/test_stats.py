@@ -139,3 +139,10 @@ def test_the_variation_between_runs_widens_the_difference_from_the_best() -> Non
     half = 1.959964 * math.sqrt(np.var(d, ddof=1) + 0.05**2 * 1.5)
     lo, hi = with_runs.cells["other"].vs_best["ci"]
     assert lo == pytest.approx(point - half, rel=0.05) and hi == pytest.approx(point + half, rel=0.05)
+    # each cell's own interval takes the runs' variation too: sd^2 / k (one run for "other")
+    sub = score_of(other, idx)
+    half_own = 1.959964 * math.sqrt(np.var(sub, ddof=1) + 0.05**2)
+    est = with_runs.cells["other"].estimate["score"]
+    assert with_runs.cells["other"].ci["score"] == pytest.approx((est - half_own, est + half_own), rel=0.05)
+    assert with_runs.cells["other"].subjects_ci == pytest.approx(subjects_only.cells["other"].ci["score"])
+    assert with_runs.typical_half_width() == pytest.approx(subjects_only.typical_half_width(), rel=0.1)
