@@ -23,10 +23,11 @@ setup: $(STAMP)
 study: $(STAMP)
 	$(PY) -m study.launch --grid full $(ARGS)
 
-# Headless Chromium (tests/test_report.py renders report.html and the MLflow UI) and tmux (the same tests run a
-# study in a real terminal): installed when missing and running as root.
+# Headless Chromium (tests/test_report.py renders report.html and the MLflow UI), tmux (the same tests run a
+# study in a real terminal) and mricron-data (Colin27, a real whole-head T1 for the registration tests):
+# installed when missing and running as root.
 test-tools:
-	@(command -v chromium && command -v tmux) >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux) || true
+	@(command -v chromium && command -v tmux && test -f /usr/share/mricron/templates/ch2.nii.gz) >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux mricron-data) || true
 
 test: $(STAMP) test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -30,8 +30,8 @@ from trainables.trials import FinetuneTrial, PretrainTrial, run_finetune, run_pr
 
 
 def calibrate_one(manifest: Path, epochs: int, lr: float, seed: int, pretrain: str | None, pretrain_epochs: int,
-                  cache: Path, width: int = 8) -> dict:
-    data = DataConfig(manifest=str(manifest), spacing_mm=4.0, input_size=(16, 16, 16))
+                  cache: Path, width: int = 8, roi: str = "template") -> dict:
+    data = DataConfig(manifest=str(manifest), spacing_mm=4.0, input_size=(16, 16, 16), roi=roi)
     backbone = BackboneConfig("segresnet", width=width)
     checkpoint, pretrain_s = None, 0.0
     if pretrain:
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for the cohorts (default: a temporary one)")
+    p.add_argument("--roi", default="template", choices=["template", "register", "none"],
+                   help="how the embedded cohort reaches the box (default template, the launcher's default for it)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work or tempfile.mkdtemp(prefix="calibrate-"))
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             for lr in (float(x) for x in args.lr.split(",")):
                 for method in [None, *([args.pretrain] if args.pretrain else [])]:
                     row = {"splits": text, **calibrate_one(manifest, epochs, lr, args.seed, method,
-                                                           args.pretrain_epochs, work / "cache")}
+                                                           args.pretrain_epochs, work / "cache", roi=args.roi)}
                     rows.append(row)
                     print_table([row], list(row))
                     sys.stdout.flush()

@@ -30,10 +30,9 @@ from scipy import ndimage
 
 from trainables.atomic import atomic_write, atomic_write_text
 from trainables.errors import StudyInputError
+from trainables.registration import BOX_MIN, BOX_SIZE, box_affine
 
 GENERATOR_VERSION = 1
-BOX_MIN = np.array([-32.0, -4.0, 0.0])  # MNI crop box (mm): x in [-32,32), y in [-4,60), z in [0,64)
-BOX_SIZE = 64.0
 MANIFEST_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split", "sha256")
 PCS_PROBABILITY = 0.6
 _TEMPLATE_MARGIN = 24.0  # mm of template kept around the crop box (room for the subject transform)
@@ -73,10 +72,7 @@ class CohortParams:
 
 def output_affine(spacing: float, n: int) -> np.ndarray:
     """RAS voxel->world affine of the crop grid: n voxels per axis centred on the MNI crop box."""
-    centre = BOX_MIN + BOX_SIZE / 2
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = centre - (n - 1) / 2 * spacing
-    return affine
+    return box_affine(spacing, (n, n, n))
 
 
 SPLITS = ("pretrain", "train", "val", "test")
@@ -222,6 +218,14 @@ def _groove_weight(q: np.ndarray, gm: np.ndarray, groove: dict[str, float], side
 
 def synthesize_subject(params: CohortParams, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image float32, label uint8, affine) of subject ``index``; deterministic in (seed, index)."""
+    image, label, affine, _ = synthesize_subject_with_pose(params, index)
+    return image, label, affine
+
+
+def synthesize_subject_with_pose(params: CohortParams, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            np.ndarray]:
+    """As :func:`synthesize_subject`, plus the subject's pose: the 4x4 affine part (without the smooth
+    warp) of the map from the image's world point to the template (MNI) point it shows."""
     rng = np.random.default_rng([params.seed, index])
     t1, gm_map, to_voxel = _template(params.spacing)
     n = params.grid
@@ -237,7 +241,7 @@ def synthesize_subject(params: CohortParams, index: int) -> tuple[np.ndarray, np
 
     for attempt in range(64):
         if attempt == 63:  # fallback: no pose change, so each label stays on its own side of x = 0
-            q = world
+            q, matrix, shift = world, np.eye(3), np.zeros((3, 1))
         else:
             matrix = _rotation(rng, 8.0) @ np.diag(rng.uniform(0.95, 1.05, size=3))
             shift = rng.uniform(-3.0, 3.0, size=(3, 1))
@@ -259,7 +263,10 @@ def synthesize_subject(params: CohortParams, index: int) -> tuple[np.ndarray, np
     noise = rng.normal(0.0, sigma, size=(2, image.size))
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
     shape = (n, n, n)
-    return (1000.0 * image).reshape(shape).astype(np.float32), label.reshape(shape), affine
+    pose = np.eye(4)
+    pose[:3, :3] = matrix
+    pose[:3, 3] = (centre - matrix @ centre + shift)[:, 0]
+    return (1000.0 * image).reshape(shape).astype(np.float32), label.reshape(shape), affine, pose
 
 
 def _sha256(path: Path) -> str:

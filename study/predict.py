@@ -6,11 +6,15 @@ Examples::
         --tracking-uri sqlite:///runs/smoke/mlflow.db IMAGE.nii.gz --output pcs.nii.gz
     python -m study.predict --model runs/smoke/models/none__full__segresnet__1/model.pt IMAGE.nii.gz
 
-The image is preprocessed exactly as in training (``trainables.data``: RAS, the model's voxel spacing,
-centred crop/pad to its input size, z-score); the segmentation (0 background, 1 left PCS, 2 right
-PCS) is mapped back, nearest-neighbour, onto the input image's own voxel grid, so the output has the
-input's shape and affine. The model's spacing and input size come from ``model_info.json`` next to
-the model (registered models have it) or from the ``study.json`` of the study folder holding it.
+The image is preprocessed exactly as in training (``trainables.data``): with the model's region of
+interest ``register`` (the default since registration exists) it is registered to the ICBM152
+template, resampled into the study's MNI box at the model's voxel spacing and z-scored; the
+segmentation (0 background, 1 left PCS, 2 right PCS) goes back through the inverse transform,
+nearest-neighbour, onto the input image's own voxel grid, so the output has the input's shape and
+affine. ``template`` takes the box by the image's world coordinates; ``none`` (models of studies from
+before registration) reorients, resamples and crops the centre. The model's spacing, input size and
+roi come from ``model_info.json`` next to the model (registered models have it) or from the
+``study.json`` of the study folder holding it; ``--roi`` overrides the roi.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from trainables.errors import StudyInputError, not_a_file
+from trainables.registration import MIN_NCC
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Prediction:
     segmentation: np.ndarray
     affine: np.ndarray
     probabilities: tuple[float, float]
+    registration: object = None  # trainables.registration.Registration, with roi register
 
 
 def _geometry_from_study(model_file: Path) -> dict:
@@ -44,8 +50,10 @@ def _geometry_from_study(model_file: Path) -> dict:
     for folder in model_file.resolve().parents:
         study = folder / "study.json"
         if study.is_file():
-            plan = json.loads(study.read_text()).get("plan", {})
-            return {"spacing_mm": plan.get("spacing_mm"), "input_size": plan.get("input_size")}
+            saved = json.loads(study.read_text())
+            plan = saved.get("plan", {})
+            return {"spacing_mm": plan.get("spacing_mm"), "input_size": plan.get("input_size"),
+                    "roi": saved.get("args", {}).get("roi") or "none"}
     return {}
 
 
@@ -56,7 +64,7 @@ def load_model(spec: str, tracking_uri: str | None, workdir: str | Path):
     path = Path(spec)
     if path.exists():
         model, info = load_model_folder(path)
-        if not info.get("spacing_mm") or not info.get("input_size"):
+        if not info.get("spacing_mm") or not info.get("input_size") or not info.get("roi"):
             info = {**_geometry_from_study(path), **{k: v for k, v in info.items() if v}}
     elif spec.endswith((".pt", ".pth")) or os.sep in spec:
         raise StudyInputError(f"model file {spec} does not exist; give a model.pt path or a registered model name")
@@ -117,23 +125,43 @@ def to_input_grid(labels: np.ndarray, net_affine: np.ndarray, affine: np.ndarray
                                     output_shape=tuple(shape), order=0, mode="constant", cval=0)
 
 
-def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: list[int]) -> Prediction:
-    """Run ``model`` on one NIfTI image; the segmentation comes back on the image's own grid."""
+def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: list[int],
+                  roi: str = "register") -> Prediction:
+    """Run ``model`` on one NIfTI image; the segmentation comes back on the image's own grid.
+
+    Raises StudyInputError when the registration to the template fails its quality check."""
     import torch
 
-    from trainables.data import DataConfig, SubjectRecord, _preprocess
+    from trainables import registration
+    from trainables.data import DataConfig, SubjectRecord, preprocess_subject
 
     path = Path(image_path)
     image, affine = check_image(path)
-    cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size))
-    x, _ = _preprocess(SubjectRecord("input", path, None, None, None, "test"), cfg)  # the training preprocessing
+    cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size), roi=roi)
+    reg = None
+    if roi == "register":  # the training path (trainables.data) with the registration computed here, not stored
+        reg = registration.register(image, affine, where=f"image {path}")
+        problem = reg.problem()
+        if problem:
+            raise StudyInputError(f"image {path}: registration to the template failed its check: {problem}; "
+                                  "is it a whole-head T1? (--roi template for images already in MNI space)")
+        box = registration.resample_box(image, affine, reg.array, cfg.spacing_mm, cfg.input_size)
+        from trainables.data import _normalise
+
+        x = _normalise(box[None])
+    else:
+        x = preprocess_subject(SubjectRecord("input", path, None, None, None, "test"), cfg).image
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(x)[None].float())
     labels = out["seg"][0].argmax(0).numpy()
     probs = torch.sigmoid(out["cls"][0].float()).tolist()
-    seg = to_input_grid(labels, network_affine(image.shape, affine, cfg), affine, image.shape)
-    return Prediction(seg, affine, (float(probs[0]), float(probs[1])))
+    if roi == "none":
+        seg = to_input_grid(labels, network_affine(image.shape, affine, cfg), affine, image.shape)
+    else:
+        matrix = reg.array if reg is not None else np.eye(4)
+        seg = registration.to_subject_grid(labels, matrix, cfg.spacing_mm, image.shape, affine)
+    return Prediction(seg, affine, (float(probs[0]), float(probs[1])), reg)
 
 
 def write_segmentation(pred: Prediction, image_path: str | Path, output: str | Path) -> Path:
@@ -164,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         "or the path of a fine-tuned model.pt")
     parser.add_argument("--output", help="segmentation to write (default: <image>_pcs.nii.gz next to the image)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI of the registry (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--roi", choices=["register", "template", "none"], default=None,
+                        help="how the image reaches the model's box (default: as the model was trained)")
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
@@ -172,13 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         check_image(image)  # fail fast, before loading a model
         with tempfile.TemporaryDirectory() as tmp:
             model, info = load_model(args.model, args.tracking_uri, tmp)
-        pred = predict_image(model, image, info["spacing_mm"], info["input_size"])
+        pred = predict_image(model, image, info["spacing_mm"], info["input_size"],
+                             roi=args.roi or info.get("roi") or "none")
         name = image.name.removesuffix(".gz").removesuffix(".nii")
         out = write_segmentation(pred, image, args.output or image.with_name(f"{name}_pcs.nii.gz"))
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     left, right = pred.probabilities
+    if pred.registration is not None:
+        reg = pred.registration
+        print(f"registration to the ICBM152 template: NCC {reg.ncc:.2f} inside the box (refused below "
+              f"{MIN_NCC}), scales {', '.join(f'{v:.2f}' for v in reg.scales)}, {reg.seconds:.1f} s")
     print(f"PCS presence probability: left {left:.3f}, right {right:.3f}")
     print(f"segmentation: {out}")
     return 0

@@ -280,6 +280,7 @@ def register_models(study: Study) -> list[str]:
         info = {"cell": cell.id, "pretrain": cell.pretrain, "strategy": cell.strategy, "backbone": cell.backbone,
                 "spacing_mm": typed(params.get("data.spacing_mm", "None")),
                 "input_size": typed(params.get("data.input_size", "None")),
+                "roi": params.get("data.roi", "none"),  # a study from before registration cropped centred
                 "run_id": cell.best.info.run_id, "score": cell.best.data.metrics.get("score"),
                 "experiment": study.experiment}
         cell.version = register_best(study.client, name, cell.best.info.run_id, model, info,

@@ -61,19 +61,24 @@ def _find_browser() -> str | None:
 
 def _install_chromium() -> str | None:
     """Install Debian's ``chromium`` with apt-get (as root, else ``sudo -n``); ``None`` or why it could not."""
+    return _apt_install("chromium")
+
+
+def _apt_install(package: str) -> str | None:
+    """Install a Debian package with apt-get (as root, else ``sudo -n``); ``None`` or why it could not."""
     apt = shutil.which("apt-get")
     if apt is None:
         return "apt-get is not available (not a Debian-like system); install Chromium by hand"
     if os.geteuid() == 0:
         prefix = []
     elif shutil.which("sudo") is None:
-        return "not running as root and sudo is not installed; run `apt-get install -y chromium` as root"
+        return f"not running as root and sudo is not installed; run `apt-get install -y {package}` as root"
     elif subprocess.run(["sudo", "-n", "true"], capture_output=True, timeout=30).returncode != 0:
-        return "not running as root and `sudo -n` needs a password; run `sudo apt-get install -y chromium`"
+        return f"not running as root and `sudo -n` needs a password; run `sudo apt-get install -y {package}`"
     else:
         prefix = ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "chromium"]):
+    for command in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", package]):
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         except subprocess.TimeoutExpired:
@@ -82,6 +87,21 @@ def _install_chromium() -> str | None:
             last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
             return f"`{' '.join(command)}` exited with {proc.returncode}: {last}"
     return None
+
+
+COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")  # Debian's mricron-data: Colin27, whole head, skull on
+
+
+@pytest.fixture(scope="session")
+def colin27() -> Path:
+    """A real whole-head T1 with skull the project does not ship: Colin27 (``ch2.nii.gz``) from Debian's
+    ``mricron-data``, installed with apt-get when missing. Skips, saying why, where it cannot be."""
+    if not COLIN27.is_file():
+        reason = _apt_install("mricron-data")
+        if not COLIN27.is_file():
+            pytest.skip(f"Colin27 ({COLIN27}) is missing and could not be installed: "
+                        f"{reason or 'apt-get succeeded but the file is not there'}")
+    return COLIN27
 
 
 @pytest.fixture(scope="session")

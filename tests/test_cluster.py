@@ -302,10 +302,11 @@ def _assert_one_finished_run_per_trial(runs: list, plan) -> None:
 @pytest.mark.slow
 def test_trials_pinned_by_a_custom_resource_run_on_the_worker_that_advertises_it(cluster, tmp_path) -> None:
     """`--address auto`, pre-training on the head, fine-tuning (which needs `worker_node`) on a worker that
-    joins while the study waits for it; every run in one MLflow store, tagged with the node it ran on."""
+    joins while the study waits for it; every run in one MLflow store, tagged with the node it ran on. With
+    `--roi register` the registrations run as Ray tasks and are stored beside the cohort's manifest."""
     args = ["--grid", "smoke", "--address", "auto", "--output", tmp_path / "pin", "--storage",
             cluster.state / "shared" / "pin", "--mlflow-uri", cluster.mlflow_uri,
-            "--trial-resources", '{"worker_node": 0.01}']
+            "--trial-resources", '{"worker_node": 0.01}', "--roi", "register"]
     plan, log = _plan(), tmp_path / "pin.log"
     db, experiment = cluster.mlflow_root / "mlflow.db", "study-smoke-pin"
     proc = cluster.launch(args, log)
@@ -336,6 +337,8 @@ def test_trials_pinned_by_a_custom_resource_run_on_the_worker_that_advertises_it
                    if r.data.tags["stage"] == "finetune" and r.data.tags["pretrain"] != "none"}
     assert checkpoints and all(Path(c).is_file() and Path(c).is_relative_to(shared) for c in checkpoints)
     assert (shared / "pin" / "tune" / "study").is_dir()
+    stored = list((shared / "pin" / "cohort" / ".registration").glob("sub-*.json"))
+    assert len(stored) == plan.subjects and "registering (Ray tasks)" in log.read_text()
     assert len(list((shared / "pin" / "models").glob("*/model.pt"))) == len(plan.cells) * plan.num_samples
 
 

@@ -104,7 +104,7 @@ def model_dir(cohort, tmp_path_factory) -> Path:
         backbone=BackboneConfig("segresnet", 8), strategy="full", strategy_params={},
         train=TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr_encoder=LR, lr_decoder=LR, lr_heads=LR_HEADS,
                           cls_weight=CLS_WEIGHT, seed=0, device="cpu", num_threads=1),
-        data=DataConfig(manifest=str(cohort["manifest"]), spacing_mm=SPACING, input_size=SIZE),
+        data=DataConfig(manifest=str(cohort["manifest"]), spacing_mm=SPACING, input_size=SIZE, roi="none"),
         output_dir=str(trial),
     )
     threads = torch.get_num_threads()
@@ -169,13 +169,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_label_round_trip_through_the_network_grid(cohort, tmp_path) -> None:
-    """A label preprocessed like training and mapped back lands where it was (no model involved)."""
+    """A label preprocessed like training with ``roi none`` (centred crop) and mapped back lands where it was
+    (no model involved; tests/test_registration.py checks the registered path)."""
     sub = cohort["subjects"]["s00"]
     source = nib.load(str(sub["image"]))
     image, affine = _resampled(np.asarray(source.dataobj, dtype=np.float32), source.affine)
     blob = (image > np.percentile(image, 55)).astype(np.uint8)
     path_img, path_lab = _save(image, affine, tmp_path / "img.nii.gz"), _save(blob, affine, tmp_path / "lab.nii.gz")
-    cfg = DataConfig(manifest=str(tmp_path / "m.csv"), spacing_mm=SPACING, input_size=SIZE)
+    cfg = DataConfig(manifest=str(tmp_path / "m.csv"), spacing_mm=SPACING, input_size=SIZE, roi="none")
     _, label_net = _preprocess(SubjectRecord("x", path_img, path_lab, 0, 0, "test"), cfg)
     back = to_input_grid(label_net[0], network_affine(image.shape, affine, cfg), affine, image.shape)
     assert back.shape == blob.shape
@@ -187,7 +188,8 @@ def test_output_has_the_input_grid(model_dir, cohort, tmp_path) -> None:
     sub = cohort["subjects"]["s00"]
     source = nib.load(str(sub["image"]))
     image, affine = _resampled(np.asarray(source.dataobj, dtype=np.float32), source.affine)
-    pred = predict_image(model, _save(image, affine, tmp_path / "x.nii.gz"), info["spacing_mm"], info["input_size"])
+    pred = predict_image(model, _save(image, affine, tmp_path / "x.nii.gz"), info["spacing_mm"], info["input_size"],
+                         roi="none")
     assert pred.segmentation.shape == image.shape and np.allclose(pred.affine, affine)
     assert set(np.unique(pred.segmentation)) <= {0, 1, 2}
     assert all(0.0 <= p <= 1.0 for p in pred.probabilities)
@@ -196,10 +198,10 @@ def test_output_has_the_input_grid(model_dir, cohort, tmp_path) -> None:
 def test_lps_permuted_input_gives_the_same_prediction(model_dir, cohort, tmp_path) -> None:
     model, info = load_model_folder(model_dir)
     sub = cohort["subjects"]["s00"]
-    ras = predict_image(model, sub["image"], SPACING, SIZE)
+    ras = predict_image(model, sub["image"], SPACING, SIZE, roi="none")
     source = nib.load(str(sub["image"]))
     image, affine = _lps_permuted(np.asarray(source.dataobj, dtype=np.float32), source.affine)
-    lps = predict_image(model, _save(image, affine, tmp_path / "lps.nii.gz"), SPACING, SIZE)
+    lps = predict_image(model, _save(image, affine, tmp_path / "lps.nii.gz"), SPACING, SIZE, roi="none")
     assert np.allclose(lps.probabilities, ras.probabilities, atol=1e-5)  # left stays left
     expected, _ = _lps_permuted(ras.segmentation, source.affine)
     assert np.array_equal(lps.segmentation, expected) and np.allclose(lps.affine, affine)
@@ -211,8 +213,8 @@ def test_groove_volume_is_called_present_and_its_filled_twin_lower(model_dir, co
     train = [sid for sid, s in subs.items() if s["split"] == "train" and not sid.endswith("-twin") and any(s["present"])]
     called = lower = total = 0
     for sid in train:
-        groove = predict_image(model, subs[sid]["image"], SPACING, SIZE).probabilities
-        filled = predict_image(model, subs[f"{sid}-twin"]["image"], SPACING, SIZE).probabilities
+        groove = predict_image(model, subs[sid]["image"], SPACING, SIZE, roi="none").probabilities
+        filled = predict_image(model, subs[f"{sid}-twin"]["image"], SPACING, SIZE, roi="none").probabilities
         for side in (0, 1):
             if subs[sid]["present"][side]:
                 total += 1

@@ -1,7 +1,8 @@
 """A cohort on disk (NIfTI + manifest.csv) -> validated, reoriented, resampled, cached torch datasets.
 
 The manifest has columns ``subject_id,image,label,pcs_left,pcs_right,split`` (optionally ``sha256`` of
-the image file); paths are relative to the manifest's folder (absolute paths are allowed). Splits are
+the image file, and ``roi``: how this subject reaches the study's box, overriding ``DataConfig.roi``);
+paths are relative to the manifest's folder (absolute paths are allowed). Splits are
 ``pretrain`` (unlabelled pool), ``train``, ``val`` and ``test``. Every problem with the input raises
 :class:`StudyInputError` naming the manifest, the subject and the file, before any training starts.
 Pure PyTorch / MONAI / nibabel: never imports Ray or MLflow.
@@ -24,14 +25,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainables.atomic import atomic_write
+from trainables import registration
+from trainables.atomic import atomic_write, atomic_write_text
 from trainables.errors import StudyInputError, not_a_file
 
 SPLITS = ("pretrain", "train", "val", "test")
 LABELED_SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split")
 LABEL_VALUES = (0, 1, 2)  # background, left PCS, right PCS
-PREPROCESS_VERSION = 1  # bump when preprocessing changes, to invalidate caches
+PREPROCESS_VERSION = 2  # bump when preprocessing changes, to invalidate caches
+REGISTRATION_FOLDER = ".registration"  # beside the manifest: travels with the cohort to other nodes
 _SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _AFFINE_TOLERANCE = 1e-3
 
@@ -42,8 +45,10 @@ class DataConfig:
 
     manifest: str  # path to manifest.csv
     spacing_mm: float = 2.0  # target isotropic voxel spacing in mm
-    input_size: tuple[int, int, int] = (32, 32, 32)  # network input (D, H, W) after centred crop/pad
+    input_size: tuple[int, int, int] = (32, 32, 32)  # network input (D, H, W): the MNI box's grid
     cache_dir: str | None = None  # preprocessed-array cache; default <manifest folder>/.cache
+    roi: str = "register"  # register: affine to the template, then the MNI box; template: already in MNI
+    # space, take the box by world coordinates; none: already cropped, centred crop/pad in RAS
 
     def __post_init__(self) -> None:
         if isinstance(self.manifest, os.PathLike):
@@ -68,6 +73,9 @@ class DataConfig:
         self.input_size = size  # type: ignore[assignment]
         if self.cache_dir is not None:
             self.cache_dir = os.fspath(self.cache_dir)
+        if self.roi not in registration.ROI_MODES:
+            raise StudyInputError(f"roi {self.roi!r}: must be one of {', '.join(registration.ROI_MODES)} "
+                                  "(register: whole-head scans; template: already in MNI space; none: already cropped)")
 
 
 @dataclass
@@ -82,6 +90,7 @@ class SubjectRecord:
     split: str
     sha256: str | None = None  # expected checksum of the image file, when the manifest has one
     manifest: Path | None = None  # the manifest this row came from (for messages)
+    roi: str | None = None  # this subject's region-of-interest mode, when the manifest's roi column gives one
 
 
 def _resolve(folder: Path, value: str, where: str, what: str) -> Path:
@@ -169,7 +178,11 @@ def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
         else:
             pcs_left = pcs_right = None
         digest = row.get("sha256") or None
-        records.append(SubjectRecord(sid, image, label, pcs_left, pcs_right, split, digest, manifest))
+        roi = row.get("roi") or None
+        if roi is not None and roi not in registration.ROI_MODES:
+            raise StudyInputError(f"{where}: roi {roi!r} is not one of {', '.join(registration.ROI_MODES)}; "
+                                  "leave it empty to use the study's --roi")
+        records.append(SubjectRecord(sid, image, label, pcs_left, pcs_right, split, digest, manifest, roi))
     return records
 
 
@@ -241,11 +254,110 @@ def validate_cohort(records: list[SubjectRecord]) -> None:
         _load_checked(rec)
 
 
+def roi_mode(rec: SubjectRecord, cfg: DataConfig) -> str:
+    """The subject's region-of-interest mode: the manifest's ``roi`` for it, else the study's."""
+    return rec.roi or cfg.roi
+
+
+def _registration_path(rec: SubjectRecord) -> Path:
+    """Where the subject's registration is stored: keyed by the image's content, the method's version and
+    the template's checksum, so a copy of the cohort on another node finds it."""
+    digest = hashlib.sha256(rec.image.read_bytes()).hexdigest()[:16]
+    key = f"{digest}-v{registration.REGISTRATION_VERSION}-{registration.template_id()}"
+    folder = (rec.manifest.parent if rec.manifest else rec.image.parent) / REGISTRATION_FOLDER
+    return folder / f"{rec.subject_id}-{key}.json"
+
+
+def stored_registration(rec: SubjectRecord) -> registration.Registration | None:
+    """The subject's stored registration, or None."""
+    path = _registration_path(rec)
+    try:
+        return registration.Registration.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_registration(rec: SubjectRecord, reg: registration.Registration) -> None:
+    """Keep a subject's registration beside the manifest (temp file + os.replace)."""
+    path = _registration_path(rec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(reg.to_dict(), indent=1))
+
+
+def register_subject(rec: SubjectRecord, image: np.ndarray | None = None,
+                     affine: np.ndarray | None = None) -> registration.Registration:
+    """The subject's registration to the template: stored, or computed, checked and stored.
+
+    Raises StudyInputError naming the subject and the figure when the registration fails its checks."""
+    reg = stored_registration(rec)
+    if reg is None:
+        if image is None or affine is None:
+            image, affine, _ = _load_checked(rec)
+        reg = registration.register(image, affine, where=f"subject {rec.subject_id}: image {rec.image}")
+        store_registration(rec, reg)
+    problem = reg.problem()
+    if problem:
+        raise StudyInputError(
+            f"subject {rec.subject_id}: registration of {rec.image} to the template failed its check: {problem}; "
+            "check the image (a whole-head T1?) or give its roi as template (MNI space) or none (already cropped)"
+        )
+    return reg
+
+
+@dataclass
+class Preprocessed:
+    """One subject in the study box: image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W), the
+    template->subject ``matrix`` (identity for roi none/template), NCC and the label fractions kept."""
+
+    image: np.ndarray
+    label: np.ndarray
+    matrix: np.ndarray
+    ncc: float
+    kept: tuple[float, float]  # share of the left / right PCS label voxels inside the box (1.0 without a label)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    from monai.transforms import NormalizeIntensity
+
+    return np.asarray(NormalizeIntensity(nonzero=True)(image), dtype=np.float32)
+
+
+def _preprocess_box(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
+    """Validated subject -> the study's MNI box, through its registration (or identity for roi template)."""
+    image, affine, label = _load_checked(rec)
+    if roi_mode(rec, cfg) == "register":
+        reg = register_subject(rec, image, affine)
+    else:
+        reg = registration.identity()
+    matrix = reg.array
+    size = tuple(cfg.input_size)
+    img = registration.resample_box(image, affine, matrix, cfg.spacing_mm, size)
+    if label is None:
+        lab, kept = np.zeros(size, dtype=np.uint8), (1.0, 1.0)
+    else:
+        lab = registration.resample_box(label, affine, matrix, cfg.spacing_mm, size, label=True)
+        kept = tuple(registration.fraction_kept(label, affine, matrix, cfg.spacing_mm, size, v) for v in (1, 2))
+    if not img.any():
+        raise StudyInputError(
+            f"subject {rec.subject_id}: image {rec.image} does not cover the study's box (MNI x -32..32, y -4..60, "
+            "z 0..64 mm); with roi template the image must be in MNI space, else use roi register"
+        )
+    return Preprocessed(_normalise(img[None]), lab[None], matrix, reg.ncc, kept)  # type: ignore[arg-type]
+
+
 def _preprocess(rec: SubjectRecord, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Validated subject -> (image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W)) in RAS at spacing_mm."""
+    """Validated subject -> (image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W)) in the study box."""
+    out = preprocess_subject(rec, cfg)
+    return out.image, out.label
+
+
+def preprocess_subject(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
+    """One subject preprocessed for its roi mode (see :class:`DataConfig`)."""
+    if roi_mode(rec, cfg) != "none":
+        return _preprocess_box(rec, cfg)
     image, affine, label = _load_checked(rec)  # before importing MONAI: bad input fails fast
     from monai.data import MetaTensor
-    from monai.transforms import Compose, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd, Spacingd
+    from monai.transforms import Compose, Orientationd, ResizeWithPadOrCropd, Spacingd
 
     if label is None:
         label = np.zeros_like(image)
@@ -259,17 +371,21 @@ def _preprocess(rec: SubjectRecord, cfg: DataConfig) -> tuple[np.ndarray, np.nda
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=(cfg.spacing_mm,) * 3, mode=("bilinear", "nearest")),
         ResizeWithPadOrCropd(keys=keys, spatial_size=cfg.input_size),
-        NormalizeIntensityd(keys="image", nonzero=True),
     ])
     out = transform(data)
-    img = np.asarray(out["image"].numpy(), dtype=np.float32)
+    img = _normalise(np.asarray(out["image"].numpy(), dtype=np.float32))
     lab = np.rint(np.asarray(out["label"].numpy())).astype(np.uint8)
-    return img, lab
+    return Preprocessed(img, lab, np.eye(4), float("nan"), (1.0, 1.0))
 
 
 def _cache_key(rec: SubjectRecord, cfg: DataConfig) -> str:
-    """Hash of the source files' identity (path, size, mtime) and the preprocessing parameters."""
-    parts: dict[str, object] = {"version": PREPROCESS_VERSION, "spacing": cfg.spacing_mm, "size": cfg.input_size}
+    """Hash of the source files' identity (path, size, mtime) and the preprocessing parameters: voxel size,
+    box size, roi mode and, when registering, the registration method's version and the template's checksum."""
+    roi = roi_mode(rec, cfg)
+    parts: dict[str, object] = {"version": PREPROCESS_VERSION, "spacing": cfg.spacing_mm, "size": cfg.input_size,
+                                "roi": roi}
+    if roi == "register":
+        parts["registration"] = [registration.REGISTRATION_VERSION, registration.template_id()]
     for name, path in (("image", rec.image), ("label", rec.label)):
         if path is not None:
             stat = path.stat()
@@ -277,25 +393,44 @@ def _cache_key(rec: SubjectRecord, cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cached_arrays(rec: SubjectRecord, cfg: DataConfig, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed arrays from the cache, or validate + preprocess + write them (temp file + os.replace)."""
+def _read_cached(path: Path, cfg: DataConfig) -> Preprocessed | None:
+    try:
+        with np.load(path) as stored:
+            out = Preprocessed(stored["image"], stored["label"], stored["matrix"], float(stored["ncc"]),
+                               tuple(float(v) for v in stored["kept"]))  # type: ignore[arg-type]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or older cache entry: rebuild it
+    if out.image.shape[1:] == tuple(cfg.input_size) and out.label.shape == out.image.shape:
+        return out
+    return None
+
+
+def cached_subject(rec: SubjectRecord, cfg: DataConfig, cache: Path) -> Preprocessed:
+    """The subject from the cache, or validated + preprocessed + written (temp file + os.replace). The
+    arrays are stored with the template->subject matrix, the registration's NCC and the label fractions."""
     path = cache / f"{rec.subject_id}-{_cache_key(rec, cfg)}.npz"
     if path.is_file():
-        try:
-            with np.load(path) as stored:
-                img, lab = stored["image"], stored["label"]
-            if img.shape[1:] == tuple(cfg.input_size) and lab.shape == img.shape:
-                return img, lab
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache entry: rebuild it
-    img, lab = _preprocess(rec, cfg)
+        found = _read_cached(path, cfg)
+        if found is not None:
+            return found
+    out = preprocess_subject(rec, cfg)
     cache.mkdir(parents=True, exist_ok=True)
+
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, image=img, label=lab)
+            np.savez(f, image=out.image, label=out.label, matrix=out.matrix, ncc=out.ncc, kept=np.asarray(out.kept))
 
     atomic_write(path, write)
-    return img, lab
+    return out
+
+
+def _cached_arrays(rec: SubjectRecord, cfg: DataConfig, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    out = cached_subject(rec, cfg, cache)
+    return out.image, out.label
+
+
+def cache_folder(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.manifest).parent / ".cache"
 
 
 class VolumeDataset(Dataset):
@@ -331,7 +466,7 @@ def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
             f"manifest {cfg.manifest}: split {split!r} has no subjects (rows per split: {counts}); "
             f"add rows with split={split}"
         )
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.manifest).parent / ".cache"
+    cache = cache_folder(cfg)
     images, labels = zip(*(_cached_arrays(r, cfg, cache) for r in chosen), strict=True)
     labeled = split in LABELED_SPLITS
     label_tensor = torch.from_numpy(np.stack(labels))
