@@ -8,6 +8,7 @@ The names come from the registries; no other list of names is kept here.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -80,6 +81,10 @@ class StudyPlan:
             ``weight_decay`` of the pre-training optimiser and any field of the method's config, e.g.
             ``{"contrastive": {"temperature": 0.2, "lr": 3e-4}}``. Pre-training is not searched: one
             checkpoint per (method, backbone, these settings) serves every cell of the method.
+        pretrained: external checkpoints as pre-training methods, ``{NAME: PATH}`` (a .pt/.pth/.ckpt file or
+            a pre-training cache folder): every cell with ``pretrain`` NAME fine-tunes from the weights at
+            PATH (:mod:`trainables.pretrained`) instead of a pre-training trial. NAME must not be a
+            registered method's name.
     """
 
     name: str
@@ -100,8 +105,10 @@ class StudyPlan:
     race_minutes: float = 0.0
     pretrain_params: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
+    pretrained: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.pretrained = check_pretrained(self.pretrained)
         if self.splits:
             from study.cohort import check_splits
 
@@ -122,7 +129,8 @@ class StudyPlan:
             raise StudyInputError(f"the race budget must be >= 0, got {self.race_trials} trials, "
                                   f"{self.race_minutes} minutes")
         for cell in self.cells:
-            PRETRAIN_METHODS.get(cell.pretrain)
+            if cell.pretrain not in self.pretrained:
+                PRETRAIN_METHODS.get(cell.pretrain)
             STRATEGIES.get(cell.strategy)
             BACKBONES.get(cell.backbone)
             if cell.backbone == "swinunetr" and any(s % 32 for s in self.input_size):
@@ -175,8 +183,37 @@ class StudyPlan:
         Methods that train nothing (``none``: random initialisation) need no job: their cells start at
         once, each fine-tuning trial building its own seeded initial network.
         """
-        jobs = dict.fromkeys(c.pretrain_key for c in self.cells if PRETRAIN_METHODS.get(c.pretrain).trains)
+        jobs = dict.fromkeys(c.pretrain_key for c in self.cells
+                             if c.pretrain not in self.pretrained and PRETRAIN_METHODS.get(c.pretrain).trains)
         return list(jobs)
+
+    def external_jobs(self) -> list[tuple[str, str]]:
+        """Distinct (external checkpoint name, backbone) pairs of the grid, in grid order."""
+        return list(dict.fromkeys(c.pretrain_key for c in self.cells if c.pretrain in self.pretrained))
+
+
+_EXTERNAL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(_[A-Za-z0-9-]+)*$")
+
+
+def check_pretrained(pretrained: object) -> dict[str, str]:
+    """``{NAME: PATH}`` of external checkpoints, validated: names are new, plain and unique; paths exist."""
+    from trainables.pretrained import checkpoint_file
+
+    if not isinstance(pretrained, dict):
+        raise StudyInputError(f"pretrained must map NAME -> checkpoint path, got {pretrained!r}")
+    out = {}
+    for name, path in pretrained.items():
+        if not isinstance(name, str) or not _EXTERNAL_NAME.match(name):
+            raise StudyInputError(f"pretrained name {name!r}: use letters, digits, '-' and single '_' starting with "
+                                  "a letter, e.g. suprem_segresnet")
+        if name in PRETRAIN_METHODS.names():
+            raise StudyInputError(f"pretrained name {name!r} is a registered pre-training method; choose another "
+                                  f"name for the checkpoint, e.g. {name}_ext")
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise StudyInputError(f"pretrained {name}: give the checkpoint's path, got {path!r}")
+        checkpoint_file(path)  # exists, or one line saying what to give
+        out[name] = str(Path(path).resolve())
+    return out
 
 
 def cross(pretrain: list[str], strategies: list[str], backbones: list[str]) -> list[Cell]:
@@ -250,14 +287,21 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
         raise StudyInputError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}, or a FILE.yaml")
     else:
         plan = GRIDS[grid](grid, budget or GRID_DEFAULT_BUDGET.get(grid) or default_budget())
+    pretrained = check_pretrained({**plan.pretrained, **dict(overrides.pop("pretrained", None) or {})})
     for names, registry in ((methods, PRETRAIN_METHODS), (strategies, STRATEGIES), (backbones, BACKBONES)):
         for n in names or []:
-            registry.get(n)
+            if registry is not PRETRAIN_METHODS or n not in pretrained:
+                registry.get(n)
     cells = plan.cells
+    new = [name for name in pretrained if name not in {c.pretrain for c in cells}]
+    if new:  # an external checkpoint from --pretrained joins the grid as a method: every strategy x backbone
+        pairs = list(dict.fromkeys((c.strategy, c.backbone) for c in cells))
+        cells = [*cells, *(Cell(name, s, b) for name in new for s, b in pairs)]
     if backbones:
         # a backbone filter replaces the grid's backbones, keeping its methods x strategies
         base = list(dict.fromkeys((c.pretrain, c.strategy) for c in cells))
         cells = [Cell(p, s, b) for b in backbones for p, s in base]  # per-cell params do not carry over
-    cells = [c for c in cells if (not methods or c.pretrain in methods) and (not strategies or c.strategy in strategies)]
+    cells = [c for c in cells if (not methods or c.pretrain in methods or c.pretrain in new)
+             and (not strategies or c.strategy in strategies)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(plan, cells=cells, **overrides)
+    return replace(plan, cells=cells, pretrained=pretrained, **overrides)

@@ -141,6 +141,9 @@ def load_grid_file(path: str | Path) -> StudyPlan:
             raise StudyInputError(f"grid file {path}: {key} must be a {type(default).__name__}, got {value!r}")
         elif isinstance(value, (int, float)) and value < 0:
             raise StudyInputError(f"grid file {path}: {key} must be >= 0, got {value!r}")
+    if isinstance(overrides.get("pretrained"), dict):  # checkpoint paths relative to the grid file
+        overrides["pretrained"] = {name: str(path.parent / value) if isinstance(value, str) else value
+                                   for name, value in overrides["pretrained"].items()}
     if "subjects" in overrides and "splits" not in overrides:
         overrides["splits"] = {}  # a cohort size of the file's own: split ~40/30/15/15%, not the base's splits
     name = str(raw.get("name") or path.stem)

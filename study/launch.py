@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from study.grid import GRIDS, Cell, StudyPlan, select_plan
@@ -38,6 +38,7 @@ class TrialFactory:
     output: str
     pretrain_cache: str
     checkpoint_every_s: float = 30.0
+    external: dict = field(default_factory=dict)  # "NAME__BACKBONE" -> converted external checkpoint (study.checkpoints)
 
     def backbone(self, name: str) -> dict:
         return {"name": name, "width": self.plan.backbone_width(name)}
@@ -68,7 +69,16 @@ class TrialFactory:
             "pretrain_checkpoint": checkpoint or None,
             "output_dir": shared_storage.join(self.output, "models", f"{cell.id}__{seed}"),
             "checkpoint_every_s": self.checkpoint_every_s,
+            **self._external(cell),
         }
+
+    def _external(self, cell: Cell) -> dict:
+        """An external checkpoint's identity for the run's params and tags (none for other cells)."""
+        found = self.external.get(f"{cell.pretrain}__{cell.backbone}")
+        if not found:
+            return {}
+        keys = ("name", "file", "sha256", "loaded_fraction", "encoder_loaded_fraction")
+        return {"pretrained": {k: found[k] for k in keys}}
 
 
 def _comma(value: str | None) -> list[str] | None:
@@ -89,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(already in MNI space; the default for the embedded cohort, which is written there), none "
                    "(already cropped to the box: reorient, resample, centred crop); a manifest's roi column "
                    "overrides it per subject")
+    p.add_argument("--pretrained", action="append", metavar="NAME=PATH",
+                   help="an external checkpoint as a pre-training method NAME (repeatable): a .pt/.pth/.ckpt file "
+                   "(MONAI SwinUNETR/SegResNet/UNet weights, SuPreM, a DataParallel or nested state dict) or a "
+                   "pre-training cache folder; every strategy is applied to it; nothing is downloaded")
+    p.add_argument("--pretrained-min-fraction", type=float, default=None,
+                   help="refuse an external checkpoint that loads less than this share of the backbone's encoder "
+                   "parameters (default 0.5)")
     p.add_argument("--num-samples", type=int, help="Optuna trials per cell")
     p.add_argument("--methods", help="comma list of pre-training methods to keep")
     p.add_argument("--strategies", help="comma list of fine-tuning strategies to keep")
@@ -167,8 +184,25 @@ def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
         num_samples=args.num_samples,
         seed=args.seed,
         seeds=args.seeds,
+        pretrained=pretrained_args(getattr(args, "pretrained", None)),
         **race_settings(args),
     )
+
+
+def pretrained_args(values: list[str] | None) -> dict[str, str] | None:
+    """``--pretrained NAME=PATH`` (repeatable) -> ``{NAME: PATH}``."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise StudyInputError(f"--pretrained {value!r}: write NAME=PATH, e.g. --pretrained "
+                                  "suprem=weights/supremseg_segresnet.pth")
+        if name.strip() in out:
+            raise StudyInputError(f"--pretrained names {name.strip()!r} twice; give each checkpoint its own name")
+        out[name.strip()] = path.strip()
+    return out
 
 
 def default_roi(cohort: str | None) -> str:
@@ -355,6 +389,20 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                                  cluster=bool(args.address))
     if remote:
         data["manifest"] = publish_cohort(Path(data["manifest"]), shared, data_id)
+    # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
+    # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
+    if args.pretrain_cache:
+        pretrain_cache = shared_storage.absolute(args.pretrain_cache)
+    else:
+        pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
+            str(Path(shared).parent / "pretrain_cache")
+    external = {}
+    if plan.pretrained:  # external checkpoints: matched, reported, converted; refused below the threshold
+        from study.checkpoints import prepare_external
+        from trainables.pretrained import MIN_FRACTION
+
+        fraction = MIN_FRACTION if args.pretrained_min_fraction is None else args.pretrained_min_fraction
+        external = prepare_external(plan, pretrain_cache, fraction, log=log.info)
 
     mlflow_uri = args.mlflow_uri or f"sqlite:///{output / 'mlflow.db'}"
     saved = json.loads(study_file.read_text()) if resume else {}
@@ -364,6 +412,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     if not resume:
         study = {"args": saved_args(args), "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
         atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
+    if external:
+        tracker.log_pretrained_reports(external)
     version = code_version()
     tracker.log_study_params({"grid": args.grid, "cells": len(plan.cells), "num_samples": plan.num_samples,
                               "seed": plan.seed, "code_version": version,
@@ -383,18 +433,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         if args.max_concurrent:
             slots = min(slots, args.max_concurrent)
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
-        # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
-        # studies side by side share (runs/pretrain_cache for runs/<study>), so a second study reuses them.
-        if args.pretrain_cache:
-            pretrain_cache = shared_storage.absolute(args.pretrain_cache)
-        else:
-            pretrain_cache = shared_storage.join(shared, "pretrain_cache") if remote else \
-                str(Path(shared).parent / "pretrain_cache")
         from study import searcher as searcher_module
 
         searcher_module.RACE_RECORD["path"] = str(output / RACE_FILE)
         factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
-                               pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s)
+                               pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s,
+                               external=external)
         shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
         if shares:
             log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
@@ -409,7 +453,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             # Only this driver process writes the Optuna studies: with an object store they stay in the output folder.
             searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
                                      study_name=plan.name, storage_url=args.optuna_storage,
-                                     race_file=str(output / RACE_FILE))
+                                     race_file=str(output / RACE_FILE),
+                                     external={k: v["path"] for k, v in external.items()})
             # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
             # trials report no selection score, and Tune's strict metric check would reject them.
             scheduler = make_scheduler(plan, args.early_stopping)

@@ -105,6 +105,7 @@ class StudySearcher(Searcher):
         storage_url: an Optuna RDB URL for the per-cell studies.
         study_name: prefix of the Optuna study names.
         race_file: where the race's record is written as it goes (``race.json`` in the study folder).
+        external: ``"NAME__BACKBONE" -> body.pt`` of the plan's external checkpoints (:mod:`study.checkpoints`).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class StudySearcher(Searcher):
         metric: str = "score",
         mode: str = "max",
         race_file: str | None = None,
+        external: dict[str, str] | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)  # see PerCellASHA: no study-wide metric for Tune's check
         self.score_metric = metric
@@ -130,10 +132,10 @@ class StudySearcher(Searcher):
         if plan.racing:
             self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed)
         self.race_file = race_file
-        for cell in plan.cells:  # no pre-training job (random initialisation): ready from the start
+        for cell in plan.cells:  # no pre-training job (random initialisation, an external checkpoint): ready now
             key = self.job_key(*cell.pretrain_key)
             if key not in jobs:
-                self.state.checkpoints[key] = ""
+                self.state.checkpoints[key] = (external or {}).get(key, "")
         self._studies: dict[str, optuna.Study] = {}
 
     @staticmethod

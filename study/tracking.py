@@ -136,6 +136,12 @@ class StudyTracker:
         for i in range(0, len(new), 100):
             self.client.log_batch(self.parent_run_id, params=new[i : i + 100])
 
+    def log_pretrained_reports(self, external: dict[str, dict]) -> None:
+        """Each external checkpoint's loading report (per backbone) as ``pretrained/NAME__BACKBONE.json`` on
+        the study's parent run."""
+        for key, found in external.items():
+            self.client.log_dict(self.parent_run_id, found["report"], f"pretrained/{key}.json")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
 
@@ -270,10 +276,18 @@ class MLflowTrialCallback(Callback):
                 **self.study_tags,
             }
             name = f"{cfg.get('stage', 'trial')}-{cell.get('id', trial.trial_id)}-{trial.trial_id}"
+            external = cfg.get("pretrained") or {}
+            if external:  # an external checkpoint: which file (its sha256) and how much of it loaded
+                tags["pretrained_sha256"] = str(external.get("sha256", ""))
             run_id = self.client.create_run(self.tracker.experiment_id, run_name=name, tags=tags).info.run_id
             params = [Param(k, str(v)) for k, v in {**self.study_params, **flatten(cfg)}.items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[i : i + 100])
+            if external:
+                now = int(time.time() * 1000)
+                self.client.log_batch(run_id, metrics=[
+                    Metric(f"pretrained_{k}", float(external[k]), now, 0)
+                    for k in ("loaded_fraction", "encoder_loaded_fraction") if k in external])
         self.runs[trial.trial_id] = run_id
         return run_id
 

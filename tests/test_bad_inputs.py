@@ -56,6 +56,11 @@ CLI_CASES = [
     (["--grid", "{tmp}"], "is a folder, not a file; give a grid FILE.yaml"),
     (["--grid", "{tmp}/folder.yaml"], "folder.yaml is a folder, not a file; give a grid FILE.yaml"),
     (["--resume", "{tmp}/file.txt"], "is a file, not a folder; give the study folder"),
+    (["--pretrained", "weights.pt"], "--pretrained 'weights.pt': write NAME=PATH"),
+    (["--pretrained", "ssl={tmp}/missing.pt"], "pre-trained checkpoint {tmp}/missing.pt does not exist"),
+    (["--pretrained", "reconstruction={tmp}/file.txt"], "pretrained name 'reconstruction' is a registered "
+                                                         "pre-training method"),
+    (["--pretrained", "my__ssl={tmp}/file.txt"], "pretrained name 'my__ssl': use letters, digits"),
 ]
 
 
@@ -77,7 +82,7 @@ def test_cli_argument(argv, expected, tmp_path, capsys) -> None:
         argv = ["--grid", "smoke", *argv]
     if "--output" not in argv and "--resume" not in argv:
         argv += ["--output", str(tmp_path / "out")]
-    assert expected.replace("{port}", str(port)) in _run(argv, capsys)
+    assert expected.replace("{port}", str(port)).replace("{tmp}", str(tmp_path)) in _run(argv, capsys)
 
 
 def test_ray_address_comes_from_the_environment(tmp_path, monkeypatch, capsys) -> None:

@@ -112,6 +112,12 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         self.config = cfg
 
+    def _map_native(self, net: nn.Module) -> None:
+        """Remember the MONAI network's own name of every body tensor (``native_keys``: our key -> MONAI's),
+        found by tensor identity, so checkpoints written from MONAI's class load by their own names."""
+        names = {id(t): k for k, t in net.state_dict(keep_vars=True).items()}
+        self.native_keys = {k: names[id(t)] for k, t in self.state_dict(keep_vars=True).items() if id(t) in names}
+
     def _init_heads(self) -> None:
         self.seg_head = nn.Conv3d(self.decoder_channels, SEG_CLASSES, kernel_size=1)
         self.cls_head = HemisphereHead(self.stage_channels[self.cls_stage], dropout=self.config.dropout)
@@ -199,6 +205,7 @@ class UNetMultiTask(MultiTaskNet):
         self.decoder = nn.ModuleList([net.upcat_4, net.upcat_3, net.upcat_2, net.upcat_1])
         self.stage_channels = list(feats[:5])
         self.decoder_channels = feats[5]
+        self._map_native(net)
         self._init_heads()
 
 
@@ -239,6 +246,7 @@ class SegResNetMultiTask(MultiTaskNet):
         )
         self.stage_channels = [w, 2 * w, 4 * w, 8 * w]
         self.decoder_channels = w
+        self._map_native(net)
         self._init_heads()
 
 
@@ -312,6 +320,7 @@ class SwinUNETRMultiTask(MultiTaskNet):
         )
         self.stage_channels = [fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs]
         self.decoder_channels = fs
+        self._map_native(net)
         self._init_heads()
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
