@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainables.backbones import BACKBONES
+from trainables.data import labelled_count  # noqa: F401 - the launcher and the report count labels with it
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 from trainables.pretrain import PRETRAIN_METHODS
@@ -36,17 +37,27 @@ class Cell:
     backbone: str
     num_samples: int | None = field(default=None, compare=False)
     params: dict | None = field(default=None, compare=False, hash=False)
+    fraction: float = 1.0  # share of the labelled training subjects the cell fine-tunes on (--label-fractions)
 
     @property
     def id(self) -> str:
-        return f"{self.pretrain}__{self.strategy}__{self.backbone}"
+        return cell_id(self.pretrain, self.strategy, self.backbone, self.fraction)
 
     @property
     def pretrain_key(self) -> tuple[str, str]:
         return (self.pretrain, self.backbone)
 
     def to_dict(self) -> dict:
-        return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone}
+        return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone,
+                "fraction": self.fraction}
+
+
+def cell_id(pretrain: str, strategy: str, backbone: str, fraction: float = 1.0) -> str:
+    """``pretrain__strategy__backbone``, with ``__f<fraction>`` when the cell uses part of the labels."""
+    base = f"{pretrain}__{strategy}__{backbone}"
+    return base if float(fraction) == 1.0 else f"{base}__f{float(fraction):g}"
+
+
 
 
 OPTIMISER_SETTINGS = ("lr", "weight_decay")  # the pre-training settings of pretrain_params outside the method
@@ -85,6 +96,8 @@ class StudyPlan:
             a pre-training cache folder): every cell with ``pretrain`` NAME fine-tunes from the weights at
             PATH (:mod:`trainables.pretrained`) instead of a pre-training trial. NAME must not be a
             registered method's name.
+        label_fractions: shares of the labelled training subjects, e.g. ``[0.1, 0.25, 1.0]``: every cell runs
+            at each (nested subsets, the same subjects for every cell at a study seed); empty: all labels.
     """
 
     name: str
@@ -106,9 +119,11 @@ class StudyPlan:
     pretrain_params: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
     pretrained: dict = field(default_factory=dict)
+    label_fractions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pretrained = check_pretrained(self.pretrained)
+        self.label_fractions = check_fractions(self.label_fractions)
         if self.splits:
             from study.cohort import check_splits
 
@@ -190,6 +205,24 @@ class StudyPlan:
     def external_jobs(self) -> list[tuple[str, str]]:
         """Distinct (external checkpoint name, backbone) pairs of the grid, in grid order."""
         return list(dict.fromkeys(c.pretrain_key for c in self.cells if c.pretrain in self.pretrained))
+
+
+def check_fractions(fractions: object) -> list[float]:
+    """Label fractions, validated: numbers in (0, 1], each once; returned in ascending order."""
+    if fractions is None:
+        return []
+    if not isinstance(fractions, (list, tuple)):
+        raise StudyInputError(f"label_fractions must be a list of numbers in (0, 1], e.g. [0.1, 0.25, 1.0], "
+                              f"got {fractions!r}")
+    out = []
+    for value in fractions:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise StudyInputError(f"label fraction {value!r} must be a number in (0, 1], e.g. 0.25 for a quarter "
+                                  "of the labelled training subjects")
+        if float(value) in out:
+            raise StudyInputError(f"label fraction {value!r} is given twice; give each fraction once")
+        out.append(float(value))
+    return sorted(out)
 
 
 _EXTERNAL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(_[A-Za-z0-9-]+)*$")
@@ -304,4 +337,8 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
     cells = [c for c in cells if (not methods or c.pretrain in methods or c.pretrain in new)
              and (not strategies or c.strategy in strategies)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(plan, cells=cells, pretrained=pretrained, **overrides)
+    fractions = check_fractions(overrides.pop("label_fractions", None) or plan.label_fractions)
+    if fractions:  # every cell at each share of the labelled training subjects
+        cells = [*(replace(c, fraction=f) for f in fractions for c in cells if c.fraction == 1.0),
+                 *(c for c in cells if c.fraction != 1.0)]
+    return replace(plan, cells=cells, pretrained=pretrained, label_fractions=fractions, **overrides)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from study.grid import GRIDS, Cell, StudyPlan, select_plan
+from study.grid import GRIDS, Cell, StudyPlan, labelled_count, select_plan
 from study.racing import FINAL as RACE_FINAL
 from study.racing import RACE_FILE, read_race
 from trainables import shared as shared_storage
@@ -39,6 +39,7 @@ class TrialFactory:
     pretrain_cache: str
     checkpoint_every_s: float = 30.0
     external: dict = field(default_factory=dict)  # "NAME__BACKBONE" -> converted external checkpoint (study.checkpoints)
+    train_subjects: int = 0  # labelled training subjects of the cohort (a label fraction keeps part of them)
 
     def backbone(self, name: str) -> dict:
         return {"name": name, "width": self.plan.backbone_width(name)}
@@ -65,7 +66,8 @@ class TrialFactory:
             "strategy": cell.strategy,
             "strategy_params": params,
             "train": {**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size, "seed": seed},
-            "data": self.data,
+            "data": {**self.data, "train_fraction": cell.fraction, "subset_seed": self.plan.seed},
+            "labelled_subjects": labelled_count(self.train_subjects, cell.fraction) if self.train_subjects else None,
             "pretrain_checkpoint": checkpoint or None,
             "output_dir": shared_storage.join(self.output, "models", f"{cell.id}__{seed}"),
             "checkpoint_every_s": self.checkpoint_every_s,
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-min-fraction", type=float, default=None,
                    help="refuse an external checkpoint that loads less than this share of the backbone's encoder "
                    "parameters (default 0.5)")
+    p.add_argument("--label-fractions", metavar="F,F,...",
+                   help="run every cell at each share of the labelled training subjects, e.g. 0.1,0.25,1.0 "
+                   "(nested subsets, the same subjects for every cell at a study seed)")
     p.add_argument("--num-samples", type=int, help="Optuna trials per cell")
     p.add_argument("--methods", help="comma list of pre-training methods to keep")
     p.add_argument("--strategies", help="comma list of fine-tuning strategies to keep")
@@ -185,8 +190,20 @@ def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
         seed=args.seed,
         seeds=args.seeds,
         pretrained=pretrained_args(getattr(args, "pretrained", None)),
+        label_fractions=fractions_arg(getattr(args, "label_fractions", None)),
         **race_settings(args),
     )
+
+
+def fractions_arg(text: str | None) -> list[float] | None:
+    """``--label-fractions 0.1,0.25,1.0`` -> ``[0.1, 0.25, 1.0]`` (checked by the plan)."""
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StudyInputError(f"--label-fractions {text!r}: give shares of the labelled training subjects, "
+                              "e.g. 0.1,0.25,1.0") from None
 
 
 def pretrained_args(values: list[str] | None) -> dict[str, str] | None:
@@ -221,6 +238,7 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | N
     roi = roi or default_roi(cohort)
     import hashlib
 
+    from study.grid import labelled_count
     from study.prepare import describe, preprocess_cohort
     from study.progress import log
     from trainables.data import DataConfig, read_manifest, roi_mode, validate_cohort
@@ -241,6 +259,12 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | N
             raise StudyInputError(
                 f"{manifest}: split {split!r} has {count} subjects, fewer than the batch size {plan.batch_size}"
             )
+    train = sum(r.split == "train" for r in records)
+    for fraction in plan.label_fractions:
+        if labelled_count(train, fraction) < plan.batch_size:
+            raise StudyInputError(f"--label-fractions {fraction:g} keeps {labelled_count(train, fraction)} of the "
+                                  f"{train} labelled training subjects, fewer than the batch size {plan.batch_size}; "
+                                  "use a larger fraction or cohort")
     for line in describe(preprocess_cohort(cfg, records, cluster=cluster)):
         log.info(line)
     # The cohort's identity for the pre-training cache: the manifest's bytes and how it was preprocessed.
@@ -387,6 +411,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             _join_cluster(args.address)
     data, data_id = prepare_data(plan, output if remote else Path(shared), args.cohort, roi=args.roi,
                                  cluster=bool(args.address))
+    from trainables.data import read_manifest
+
+    train_subjects = sum(r.split == "train" for r in read_manifest(data["manifest"]))
     if remote:
         data["manifest"] = publish_cohort(Path(data["manifest"]), shared, data_id)
     # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
@@ -438,7 +465,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         searcher_module.RACE_RECORD["path"] = str(output / RACE_FILE)
         factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
                                pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s,
-                               external=external)
+                               external=external, train_subjects=train_subjects)
         shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
         if shares:
             log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))

@@ -168,6 +168,35 @@ def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: Path)
     return _save(fig, path)
 
 
+def plot_label_efficiency(curves: dict, path: Path) -> Path:
+    """Test score against labelled training subjects: one panel per (strategy, backbone), one line per
+    pre-training method, each point with its 95% confidence interval (:func:`study.report.label_efficiency`)."""
+    panels = list(curves)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        for k, (method, points) in enumerate(sorted(curves[key].items())):
+            x, y, lo, hi = (np.asarray(v, dtype=float) for v in list(zip(*points, strict=True))[:4])
+            x = x * (1.0 + 0.04 * (k - (len(curves[key]) - 1) / 2))  # side by side, so the intervals do not hide
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", markersize=4, capsize=3, linewidth=1.3,
+                        label=method)
+        strategy, backbone = key
+        ax.set_title(f"{strategy} ({backbone})", fontsize=9)
+        ax.set_xscale("log")
+        xs = sorted({p[0] for points in curves[key].values() for p in points})
+        ax.set_xticks(xs, [f"{v:g}" for v in xs], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("labelled training subjects", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("test score (95% CI)")
+    fig.suptitle("Label efficiency: test score by labelled subjects, per pre-training method", fontsize=10)
+    return _save(fig, path)
+
+
 def cell_importances(storage: object, study_name: str, min_trials: int) -> dict[str, float] | str:
     """Hyperparameter importances (PED-ANOVA, which handles conditional parameters) of one Optuna study.
 

@@ -55,6 +55,12 @@ class CellResult:
     registered: str | None = None
     version: int | None = None
     cases: list = field(default_factory=list)  # stats.Cases of the best run and its seed re-runs
+    fraction: float = 1.0  # share of the labelled training subjects (--label-fractions)
+
+    @property
+    def row(self) -> str:
+        """The pre-training method, with the label fraction when the cell uses part of the labels."""
+        return self.pretrain if self.fraction == 1.0 else f"{self.pretrain} @{self.fraction:g}"
 
     @property
     def runs(self) -> list:
@@ -149,9 +155,12 @@ def load_study(folder: str | Path) -> Study:
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                               max_results=50000)
     cells = {}
+    from study.grid import cell_id
+
     for c in plan.get("cells", []):
-        cid = f"{c['pretrain']}__{c['strategy']}__{c['backbone']}"
-        cells[cid] = CellResult(cid, c["pretrain"], c["strategy"], c["backbone"])
+        fraction = float(c.get("fraction", 1.0))
+        cid = cell_id(c["pretrain"], c["strategy"], c["backbone"], fraction)
+        cells[cid] = CellResult(cid, c["pretrain"], c["strategy"], c["backbone"], fraction=fraction)
     failed = []
     for run in runs:
         tags = run.data.tags
@@ -165,7 +174,7 @@ def load_study(folder: str | Path) -> Study:
             continue
         cid = tags.get("cell", "")
         cell = cells.setdefault(cid, CellResult(cid, tags.get("pretrain", ""), tags.get("strategy", ""),
-                                                tags.get("backbone", "")))
+                                                tags.get("backbone", ""), fraction=float(tags.get("fraction", 1.0))))
         kind = {"seeds": f"seed re-runs {outcome}", "race": f"race repeats {outcome}"}.get(tags.get("phase", ""),
                                                                                             outcome)
         cell.counts[kind] = cell.counts.get(kind, 0) + 1
@@ -255,8 +264,9 @@ def write_best_configs(study: Study, path: Path) -> Path:
 
     allowed = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
     fields = {"name": f"{study.plan.get('name', 'study')}-best"}
-    fields.update({k: v for k, v in study.plan.items() if k in allowed and v is not None})
-    cells = [{"pretrain": c.pretrain, "strategy": c.strategy, "backbone": c.backbone, "params": best_params(c.best)}
+    fields.update({k: v for k, v in study.plan.items() if k in allowed and v is not None and k != "label_fractions"})
+    cells = [{"pretrain": c.pretrain, "strategy": c.strategy, "backbone": c.backbone, "params": best_params(c.best),
+              **({"fraction": c.fraction} if c.fraction != 1.0 else {})}  # the cells carry their label fraction
              for c in study.cells if c.best is not None]
     dump_grid_file(fields, cells, path)
     return path
@@ -329,15 +339,19 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
                ("Test score vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",
                                                                     out / "pareto_time.png"))]
     for backbone in dict.fromkeys(c.backbone for c in study.cells):
-        mine = [score_point(c) | {"key": (c.pretrain, c.strategy)} for c in done if c.backbone == backbone]
+        mine = [score_point(c) | {"key": (c.row, c.strategy)} for c in done if c.backbone == backbone]
         cells_here = [c for c in study.cells if c.backbone == backbone]
         path = plots.plot_heatmap({p["key"]: p["score"] for p in mine},
-                                  list(dict.fromkeys(c.pretrain for c in cells_here)),
+                                  list(dict.fromkeys(c.row for c in cells_here)),
                                   list(dict.fromkeys(c.strategy for c in cells_here)),
                                   f"test score, {backbone}", out / f"heatmap_{backbone}.png",
                                   intervals={p["key"]: (p["lo"], p["hi"]) for p in mine},
                                   tied={p["key"] for p in mine if p["tied"]})
         figures.append((f"Test score with 95% CI, method x strategy ({backbone})", path))
+    label_curves = label_efficiency(study, comparison)
+    if label_curves:
+        figures.append(("Label efficiency: test score against labelled training subjects, 95% CI",
+                        plots.plot_label_efficiency(label_curves, out / "label_efficiency.png")))
     curves = {c.id: [(m.step, m.value) for m in study.client.get_metric_history(c.best.info.run_id, "score")]
               for c in done}
     figures.append(("Learning curves (validation score)", plots.plot_learning_curves(curves, out / "curves.png")))
@@ -358,6 +372,33 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
         else:
             importance[c.id] = plots.plot_importances(c.id, result, out / f"importance_{c.id}.png")
     return figures, importance, notes
+
+
+def labelled_subjects(cell: CellResult) -> float:
+    """The labelled training subjects the cell's best run fine-tuned on (its fraction, when not recorded)."""
+    value = typed(cell.best.data.params.get("labelled_subjects", "None")) if cell.best is not None else None
+    return float(value) if isinstance(value, (int, float)) else cell.fraction
+
+
+def label_efficiency(study: Study, comparison) -> dict:
+    """``{(strategy, backbone): {pretrain: [(labelled subjects, score, lo, hi, fraction), ...]}}`` for a study
+    with several label fractions (empty otherwise); intervals from :func:`compare_cells`."""
+    fractions = sorted({c.fraction for c in study.cells})
+    if len(fractions) < 2:
+        return {}
+    out: dict = {}
+    for c in study.cells:
+        stat = comparison.cells.get(c.id)
+        if stat is None:
+            continue
+        lo, hi = stat.ci["score"]
+        x = labelled_subjects(c)
+        out.setdefault((c.strategy, c.backbone), {}).setdefault(c.pretrain, []).append(
+            (x, stat.estimate["score"], lo, hi, c.fraction))
+    for lines in out.values():
+        for points in lines.values():
+            points.sort()
+    return out
 
 
 def summary(study: Study) -> dict:
@@ -383,11 +424,12 @@ def summary(study: Study) -> dict:
                 "p_best": stat.p_best, "indistinguishable_from_best": stat.indistinguishable_from_best,
                 "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()},
                 "wilcoxon_p": stat.wilcoxon_p, "holm_p": stat.holm_p}
-    from study.verdict import claims, verdict
+    from study.verdict import claims, label_verdict, verdict
 
+    text = verdict(comparison) + label_verdict(study.cells, comparison)
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
             "tracking_uri": study.tracking_uri,
-            "verdict": {"text": verdict(comparison), "best": comparison.best, "reference": comparison.reference,
+            "verdict": {"text": text, "best": comparison.best, "reference": comparison.reference,
                         "indistinguishable_from_best": comparison.tied_with_best(),
                         "test_subjects": len(comparison.subjects), "resamples": comparison.resamples,
                         "confidence": comparison.confidence, "seeds_resampled": comparison.seeds_resampled,

@@ -48,9 +48,9 @@ def _heading(study: Study) -> list[str]:
 
 def _pivot(study: Study, backbone: str) -> tuple[list[str], list[str], dict[tuple[str, str], list[str]]]:
     cells = [c for c in study.cells if c.backbone == backbone]
-    methods = list(dict.fromkeys(c.pretrain for c in cells))
+    methods = list(dict.fromkeys(c.row for c in cells))
     strategies = list(dict.fromkeys(c.strategy for c in cells))
-    body = {(c.pretrain, c.strategy): [f"{COLUMNS[k][0]} {c.text(k)}" for k in COLUMNS] for c in cells}
+    body = {(c.row, c.strategy): [f"{COLUMNS[k][0]} {c.text(k)}" for k in COLUMNS] for c in cells}
     return methods, strategies, body
 
 

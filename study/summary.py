@@ -35,16 +35,17 @@ def print_summary(results, plan: StudyPlan, tracker: StudyTracker, console: Cons
     console = console or Console(width=max(160, Console().width))
     best = best_runs_per_cell(tracker)
     table = Table(title=f"Best trial per cell ({len(best)}/{len(plan.cells)} cells)")
-    for col in ("pretrain", "strategy", "backbone", *COLUMNS):
+    fractions = bool(plan.label_fractions)  # a label-fraction study: which share of the labels each cell used
+    for col in ("pretrain", "strategy", "backbone", *(["fraction"] if fractions else []), *COLUMNS):
         table.add_column(col)
     for cell in plan.cells:
         run = best.get(cell.id)
+        names = [cell.pretrain, cell.strategy, cell.backbone, *([f"{cell.fraction:g}"] if fractions else [])]
         if run is None:
-            table.add_row(cell.pretrain, cell.strategy, cell.backbone, *(["-"] * len(COLUMNS)))
+            table.add_row(*names, *(["-"] * len(COLUMNS)))
             continue
         m = run.data.metrics
-        table.add_row(cell.pretrain, cell.strategy, cell.backbone,
-                      *(f"{m[c]:.4g}" if c in m else "-" for c in COLUMNS))
+        table.add_row(*names, *(f"{m[c]:.4g}" if c in m else "-" for c in COLUMNS))
     console.print(table)
     errors = [r for r in results if r.error] if results is not None else []
     if errors:

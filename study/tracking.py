@@ -352,8 +352,9 @@ def cases_to_columns(rows: list[dict]) -> dict[str, list]:
     return {k: [row.get(k) for row in rows] for k in keys}
 
 
-# Text results a trial reports, kept as run tags: where its files are and which weights it started from.
-RESULT_TAGS = ("model_path", "checkpoint_path", "initial_body_sha256")
+# Text results a trial reports, kept as run tags: where its files are, which weights it started from and
+# which labelled subjects it trained on.
+RESULT_TAGS = ("model_path", "checkpoint_path", "initial_body_sha256", "train_subjects")
 
 
 def failure_reason(trial) -> str:

@@ -95,6 +95,52 @@ def verdict(comparison: Comparison) -> list[str]:
     return lines
 
 
+def label_verdict(cells: list, comparison: Comparison) -> list[str]:
+    """With several label fractions: at which fraction pre-training (each method against ``none``) and a
+    parameter-efficient strategy (against ``full``) stop helping, from paired bootstrap differences of the
+    test score at each fraction; or that they never resolved. ``cells``: the report's cells (``pretrain``,
+    ``strategy``, ``backbone``, ``fraction``, ``id``)."""
+    fractions = sorted({c.fraction for c in cells})
+    if len(fractions) < 2:
+        return []
+    by_key = {(c.pretrain, c.strategy, c.backbone, c.fraction): c.id for c in cells}
+    pairs = []  # (what, against, [(fraction, diff dict)])
+    for pretrain, strategy, backbone in dict.fromkeys((c.pretrain, c.strategy, c.backbone) for c in cells):
+        for other, kind in ((("none", strategy), "pre-training"), ((pretrain, "full"), "strategy")):
+            if (pretrain, strategy) == other or (kind == "pre-training" and pretrain == "none") or (
+                    kind == "strategy" and strategy == "full"):
+                continue
+            steps = []
+            for f in fractions:
+                a, b = by_key.get((pretrain, strategy, backbone, f)), by_key.get((*other, backbone, f))
+                diff = comparison.group_difference([a], [b], "score") if a and b else None
+                if diff is not None:
+                    steps.append((f, diff))
+            if len(steps) >= 2:
+                pairs.append((f"{pretrain} x {strategy} ({backbone})", f"{other[0]} x {other[1]}", steps))
+    lines, never = [], []
+    for what, against, steps in pairs:
+        helps = [f for f, d in steps if d["ci"][0] > 0]
+        hurts = [f for f, d in steps if d["ci"][1] < 0]
+        if not helps and not hurts:
+            never.append(f"{what} vs {against}")
+            continue
+        detail = "; ".join(f"{f:g}: {_signed(d['difference'])} {_ci(d['ci'])}" for f, d in steps)
+        if helps:
+            after = [f for f, _ in steps if f > max(helps)]
+            end = (f"it stops helping from fraction {min(after):g} on" if after else
+                   "it helps up to the largest fraction")
+            lines.append(f"Label efficiency: {what} beats {against} at label fraction(s) "
+                         f"{', '.join(f'{f:g}' for f in helps)}; {end} (difference in test score by fraction: {detail}).")
+        else:
+            lines.append(f"Label efficiency: {what} is worse than {against} at label fraction(s) "
+                         f"{', '.join(f'{f:g}' for f in hurts)} and never better (by fraction: {detail}).")
+    if never:
+        lines.append(f"Label efficiency: not resolved at any label fraction ({len(never)} comparison(s)): "
+                     f"{'; '.join(never)}.")
+    return lines
+
+
 def _runs_note(c: Comparison) -> str:
     if c.between_run_sd is None:
         return ""

@@ -57,6 +57,9 @@ CLI_CASES = [
     (["--grid", "{tmp}/folder.yaml"], "folder.yaml is a folder, not a file; give a grid FILE.yaml"),
     (["--resume", "{tmp}/file.txt"], "is a file, not a folder; give the study folder"),
     (["--pretrained", "weights.pt"], "--pretrained 'weights.pt': write NAME=PATH"),
+    (["--label-fractions", "0.1,half"], "--label-fractions '0.1,half': give shares of the labelled training"),
+    (["--label-fractions", "0,1"], "label fraction 0.0 must be a number in (0, 1]"),
+    (["--label-fractions", "0.5,0.5"], "label fraction 0.5 is given twice"),
     (["--pretrained", "ssl={tmp}/missing.pt"], "pre-trained checkpoint {tmp}/missing.pt does not exist"),
     (["--pretrained", "reconstruction={tmp}/file.txt"], "pretrained name 'reconstruction' is a registered "
                                                          "pre-training method"),

@@ -49,6 +49,8 @@ class DataConfig:
     cache_dir: str | None = None  # preprocessed-array cache; default <manifest folder>/.cache
     roi: str = "register"  # register: affine to the template, then the MNI box; template: already in MNI
     # space, take the box by world coordinates; none: already cropped, centred crop/pad in RAS
+    train_fraction: float = 1.0  # share of the labelled training subjects the train split keeps (nested subsets)
+    subset_seed: int = 0  # which subjects a fraction keeps: the same at the same seed, for every cell
 
     def __post_init__(self) -> None:
         if isinstance(self.manifest, os.PathLike):
@@ -73,6 +75,9 @@ class DataConfig:
         self.input_size = size  # type: ignore[assignment]
         if self.cache_dir is not None:
             self.cache_dir = os.fspath(self.cache_dir)
+        if isinstance(self.train_fraction, bool) or not isinstance(self.train_fraction, (int, float)) or not (
+                0 < self.train_fraction <= 1):
+            raise StudyInputError(f"DataConfig.train_fraction {self.train_fraction!r}: must be a number in (0, 1]")
         if self.roi not in registration.ROI_MODES:
             raise StudyInputError(f"roi {self.roi!r}: must be one of {', '.join(registration.ROI_MODES)} "
                                   "(register: whole-head scans; template: already in MNI space; none: already cropped)")
@@ -460,6 +465,8 @@ def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
         raise StudyInputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     records = read_manifest(cfg.manifest)
     chosen = [r for r in records if r.split == split]
+    if split == "train" and cfg.train_fraction < 1.0:
+        chosen = labelled_subset(chosen, cfg.train_fraction, cfg.subset_seed)
     if not chosen:
         counts = ", ".join(f"{s}={sum(r.split == s for r in records)}" for s in SPLITS)
         raise StudyInputError(
@@ -475,6 +482,20 @@ def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
     cls = [[r.pcs_left, r.pcs_right] if labeled else [0, 0] for r in chosen]
     return VolumeDataset(torch.from_numpy(np.stack(images)), label_tensor, torch.tensor(cls, dtype=torch.float32),
                          [r.subject_id for r in chosen], cfg.spacing_mm, labeled, split)
+
+
+def labelled_count(total: int, fraction: float) -> int:
+    """Labelled training subjects a fraction keeps: ceil(fraction x total), at least 2 (one batch)."""
+    return min(total, max(2, math.ceil(round(fraction * total, 9))))
+
+
+def labelled_subset(records: list[SubjectRecord], fraction: float, seed: int) -> list[SubjectRecord]:
+    """The first :func:`labelled_count` of the records in a seeded order of their subject ids: a smaller
+    fraction keeps a subset of a larger one, and the same subjects at the same seed."""
+    ranked = sorted(records, key=lambda r: r.subject_id)
+    order = np.random.default_rng([int(seed), 7919]).permutation(len(ranked))
+    kept = {ranked[i].subject_id for i in order[:labelled_count(len(ranked), fraction)]}
+    return [r for r in records if r.subject_id in kept]
 
 
 class _Augmented(Dataset):

@@ -185,6 +185,8 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
             metrics["test_cases"] = json.dumps(metrics["test_cases"])
         if epoch == spec.train.epochs and spec.output_dir:
             metrics["model_path"] = _save_model(model, spec)
+        if epoch == spec.train.epochs:  # which labelled subjects it trained on (a label fraction keeps part)
+            metrics["train_subjects"] = ",".join(train.subject_ids)
         report(metrics, state)
 
     result = fit(model, loaders["train"], loaders["val"], spec.train, spacing_mm=train.spacing_mm,
