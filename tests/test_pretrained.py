@@ -9,6 +9,7 @@ the loader.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -105,25 +106,27 @@ def test_this_projects_pretraining_cache_loads_as_a_folder(tmp_path):
     assert state_fingerprint(body) == state_fingerprint(torch.load(body_file, weights_only=True))
 
 
-def test_a_study_fine_tunes_every_strategy_from_an_external_checkpoint(tmp_path):
-    """``--pretrained mine=FILE`` on the smoke grid: the method joins every strategy; each of its runs is
-    tagged with the file's sha256, logs the loaded fraction, and starts from the file's weights; the
-    study's parent run holds the loading report. A file of the wrong width stops the launcher first."""
+def test_a_study_with_an_external_checkpoint_and_two_label_fractions(tmp_path):
+    """``--pretrained mine=FILE --label-fractions 0.5,1.0`` on the smoke grid. The external method joins every
+    strategy; each of its runs is tagged with the file's sha256, logs the loaded fraction and starts from
+    the file's weights; the parent run holds the loading report. Every cell runs at both fractions on
+    nested training subjects (the same per fraction), tagged; the report draws one point per fraction per
+    method and words the label-efficiency verdict. A file of the wrong width stops the launcher first."""
     net = _monai_segresnet(8)
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "mine.pth")
     out = tmp_path / "study"
     argv = [sys.executable, "-m", "study.launch", "--grid", "smoke", "--methods", "none", "--strategies", "full,top",
-            "--pretrained", f"mine={tmp_path / 'mine.pth'}", "--output", str(out)]
+            "--pretrained", f"mine={tmp_path / 'mine.pth'}", "--label-fractions", "0.5,1.0", "--output", str(out)]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pretrained mine: " in proc.stdout and "79 tensors loaded, 0 missing, 4 unexpected" in proc.stdout
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("study-smoke-study")
     runs = client.search_runs([experiment.experiment_id])
-    mine = [r for r in runs if r.data.tags.get("pretrain") == "mine"]
-    assert sorted(r.data.tags["cell"] for r in mine) == ["mine__full__segresnet", "mine__top__segresnet"]
-    import hashlib
-
+    finetune = [r for r in runs if r.data.tags.get("stage") == "finetune"]
+    mine = [r for r in finetune if r.data.tags.get("pretrain") == "mine"]
+    assert sorted(r.data.tags["cell"] for r in mine) == ["mine__full__segresnet", "mine__full__segresnet__f0.5",
+                                                         "mine__top__segresnet", "mine__top__segresnet__f0.5"]
     digest = hashlib.sha256((tmp_path / "mine.pth").read_bytes()).hexdigest()
     model = build_backbone(BackboneConfig("segresnet", 8))
     expected = {ours: net.state_dict()[theirs] for ours, theirs in model.native_keys.items()}
@@ -134,6 +137,31 @@ def test_a_study_fine_tunes_every_strategy_from_an_external_checkpoint(tmp_path)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     report = client.download_artifacts(parent.info.run_id, "pretrained/mine__segresnet.json", str(tmp_path))
     assert json.loads(Path(report).read_text())["sha256"] == digest
+
+    subjects: dict[float, set] = {}
+    for run in finetune:
+        tags, params = run.data.tags, run.data.params
+        fraction = float(tags["fraction"])
+        assert params["data.train_fraction"] == str(fraction) and tags["cell"].endswith("__f0.5") == (fraction == 0.5)
+        subjects.setdefault(fraction, set()).add(tags["train_subjects"])
+        assert int(params["labelled_subjects"]) == len(tags["train_subjects"].split(","))
+    assert set(subjects) == {0.5, 1.0} and all(len(s) == 1 for s in subjects.values())  # same subjects per fraction
+    half, full = (set(next(iter(subjects[f])).split(",")) for f in (0.5, 1.0))
+    assert half < full and len(half) == 2 and len(full) == 4
+
+    from study.report import compare_cells, label_efficiency, load_study
+    from study.verdict import label_verdict
+
+    study = load_study(out)
+    comparison = compare_cells(study)
+    curves = label_efficiency(study, comparison)
+    assert set(curves) == {("full", "segresnet"), ("top", "segresnet")}
+    for lines in curves.values():
+        assert {m: [p[0] for p in pts] for m, pts in lines.items()} == {"none": [2.0, 4.0], "mine": [2.0, 4.0]}
+    lines = label_verdict(study.cells, comparison)
+    assert lines and all(line.startswith("Label efficiency: ") for line in lines)
+    text = (out / "report" / "report.md").read_text()
+    assert "plots/label_efficiency.png" in text and lines[-1] in text
 
     torch.save(_monai_segresnet(16).state_dict(), tmp_path / "wide.pt")
     argv[argv.index(f"mine={tmp_path / 'mine.pth'}")] = f"wide={tmp_path / 'wide.pt'}"
