@@ -283,6 +283,9 @@ def saved_args(args: argparse.Namespace) -> dict:
     for key in ("storage", "pretrain_cache", "cohort"):
         if saved.get(key):
             saved[key] = shared_storage.absolute(saved[key])
+    if saved.get("pretrained"):  # NAME=PATH with the path made absolute, for the same reason
+        saved["pretrained"] = [f"{name}={Path(path).resolve()}"
+                               for name, path in (pretrained_args(saved["pretrained"]) or {}).items()]
     return saved
 
 

@@ -188,3 +188,14 @@ def test_a_grid_file_names_checkpoints_relative_to_itself(tmp_path):
     grid.write_text(grid.read_text().replace("seg_ext", "contrastive"))
     with pytest.raises(StudyInputError, match="pretrained name 'contrastive' is a registered pre-training method"):
         select_plan(str(grid))
+
+
+def test_study_json_keeps_checkpoint_paths_absolute(tmp_path, monkeypatch):
+    """``--resume`` from another folder must find the same files: saved arguments hold absolute paths."""
+    from study.launch import build_parser, saved_args
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--pretrained", "mine=weights/seg.pt", "--label-fractions", "0.5,1"])
+    saved = saved_args(args)
+    assert saved["pretrained"] == [f"mine={tmp_path.resolve() / 'weights' / 'seg.pt'}"]
+    assert saved["label_fractions"] == "0.5,1"
