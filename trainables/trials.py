@@ -33,6 +33,7 @@ Report = Callable[[dict, Callable[[], dict] | None], None]
 def _data_config(d: dict) -> DataConfig:
     d = dict(d)
     d["input_size"] = tuple(d["input_size"])
+    d.setdefault("roi", "none")  # a trial config saved before registration existed (a resumed study): its crop
     if shared.is_remote(d["manifest"]):  # a cohort in an object store: this node's downloaded copy
         folder, name = d["manifest"].rstrip("/").rsplit("/", 1)
         d["manifest"] = str(shared.fetch_tree(folder) / name)
