@@ -4,6 +4,7 @@ front, a method x strategy heatmap, learning curves and per-cell Optuna hyperpar
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -35,7 +36,9 @@ def pareto_front(costs: list[float], gains: list[float]) -> list[int]:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # a tall figure (the full grid's forest plot) keeps its own margins, silently
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
     return path
