@@ -107,12 +107,13 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
     if workers is None:  # a new process costs seconds of imports: a handful of subjects is quicker in this one
         workers = (os.cpu_count() or 1) if len(todo) > _MIN_POOL_SUBJECTS else 1
     workers = max(1, min(workers, len(todo)))
+    done: dict[str, SubjectSummary] = {}  # what was just preprocessed, so that it is not read back
     if todo:
         what = "registering + resampling" if any(roi_mode(r, cfg) == "register" for r in todo) else "preprocessing"
         with tqdm(total=len(todo), desc=what, unit="subject", **bar) as progress:
             if workers == 1:
                 for rec in todo:
-                    _summarise(rec, cfg)
+                    done[rec.subject_id] = _summarise(rec, cfg)
                     progress.update(1)
             else:  # spawn: the launcher's threads (MLflow, Ray) must not be forked
                 context = multiprocessing.get_context("spawn")
@@ -120,13 +121,14 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
                     jobs = [pool.submit(_summarise, rec, cfg) for rec in todo]
                     try:
                         for job in futures.as_completed(jobs):
-                            job.result()
+                            summary = job.result()
+                            done[summary.subject_id] = summary
                             progress.update(1)
                     except BaseException:
                         for job in jobs:
                             job.cancel()
                         raise
-    return [_summarise(rec, cfg) for rec in records]
+    return [done.get(rec.subject_id) or _summarise(rec, cfg) for rec in records]
 
 
 def describe(summaries: list[SubjectSummary]) -> list[str]:
