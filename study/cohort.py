@@ -4,6 +4,9 @@ Each subject is the template seen through a random affine (rotation, scale, tran
 elastic warp, with a multiplicative bias field and Rician noise. Per hemisphere a PCS is drawn with
 probability ~0.6 as a thin curved ribbon of darkened grey matter above the cingulate sulcus (drawn in
 MNI space, so it moves with the anatomy). Labels: 0 background, 1 left PCS (MNI x < 0), 2 right PCS.
+The manifest grades each hemisphere twice: ``pcs_left``/``pcs_right`` absent (0) or present (1), the
+``pcs`` task's targets; ``pcs3_left``/``pcs3_right`` absent (0), present (1) or prominent (2, a groove
+longer and deeper than typical: :func:`grade`), the ``pcs3`` task's.
 
 Usage::
 
@@ -33,7 +36,8 @@ from trainables.errors import StudyInputError
 from trainables.registration import BOX_MIN, BOX_SIZE, box_affine
 
 GENERATOR_VERSION = 1
-MANIFEST_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split", "sha256")
+MANIFEST_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split", "sha256", "pcs3_left",
+                    "pcs3_right")
 PCS_PROBABILITY = 0.6
 _TEMPLATE_MARGIN = 24.0  # mm of template kept around the crop box (room for the subject transform)
 
@@ -197,6 +201,19 @@ def _draw_pcs(rng: np.random.Generator) -> dict[int, dict[str, float]]:
     return grooves
 
 
+def grade(groove: dict[str, float]) -> int:
+    """A drawn groove's grade: 2 (prominent) when its length and depth, each scaled to its drawn range,
+    add up to more than 1 (about half of the grooves), else 1 (present)."""
+    return 2 if (groove["length"] - 20.0) / 20.0 + (groove["depth"] - 5.0) / 5.0 > 1.0 else 1
+
+
+def pcs_grades(params: CohortParams, index: int, present: tuple[int, int]) -> tuple[int, int]:
+    """Subject ``index``'s three-class grade per hemisphere [left, right]: 0 where its label has no PCS
+    voxel (``present``), else :func:`grade` of the groove drawn for it (the same draw as the image's)."""
+    grooves = _draw_pcs(np.random.default_rng([params.seed, index]))
+    return tuple(grade(grooves[side]) if shown else 0 for side, shown in zip((-1, 1), present, strict=True))
+
+
 def _groove_weight(q: np.ndarray, gm: np.ndarray, groove: dict[str, float], side: int, width: float) -> np.ndarray:
     """Soft membership (0..1) of MNI points ``q`` (3, ...) in one hemisphere's PCS ribbon."""
     lateral = side * q[0]
@@ -309,11 +326,13 @@ def _manifest_text(sids: list[str], splits: list[str], subjects: dict[str, dict]
     rows = [",".join(MANIFEST_COLUMNS)]
     for sid, split in zip(sids, splits, strict=True):
         entry = subjects[sid]
+        grades = ["pcs_left", "pcs_right", "pcs3_left", "pcs3_right"]
         if split == "pretrain":
-            label, left, right = "", "", ""
+            label, values = "", [""] * len(grades)
         else:
-            label, left, right = f"labels/{sid}.nii.gz", str(entry["pcs_left"]), str(entry["pcs_right"])
-        rows.append(",".join([sid, f"images/{sid}.nii.gz", label, left, right, split, entry["image_sha256"]]))
+            label, values = f"labels/{sid}.nii.gz", [str(entry[k]) for k in grades]
+        rows.append(",".join([sid, f"images/{sid}.nii.gz", label, *values[:2], split, entry["image_sha256"],
+                              *values[2:]]))
     return "\n".join(rows) + "\n"
 
 
@@ -383,7 +402,9 @@ def generate_cohort(
     sizes = sizes or split_sizes(subjects)
     splits = assign_splits(subjects, seed, sizes)
     good = _reusable(out, meta, params, sids, splits)
-    if len(good) == subjects and manifest.exists() and (out / "preview.png").exists() and meta.get("splits") == sizes:
+    graded = all("pcs3_left" in meta["subjects"][sid] for sid in good)  # else the manifest gains the pcs3 columns
+    if len(good) == subjects and graded and manifest.exists() and (out / "preview.png").exists() \
+            and meta.get("splits") == sizes:
         return manifest
     if meta.get("params") != asdict(params):  # a different cohort: drop its marker and leftover files
         meta_path.unlink(missing_ok=True)
@@ -396,10 +417,14 @@ def generate_cohort(
     entries: dict[str, dict] = {}
     for index, (sid, split) in enumerate(zip(sids, splits, strict=True)):
         if sid in good:
-            entries[sid] = meta["subjects"][sid]
+            entries[sid] = entry = meta["subjects"][sid]
+            if "pcs3_left" not in entry:  # a cohort written before the three-class grades: no voxel changes
+                present = (entry["pcs_left"], entry["pcs_right"])
+                entry["pcs3_left"], entry["pcs3_right"] = pcs_grades(params, index, present)
             continue
         image, label, affine = synthesize_subject(params, index)
         entry = {"pcs_left": int(np.any(label == 1)), "pcs_right": int(np.any(label == 2))}
+        entry["pcs3_left"], entry["pcs3_right"] = pcs_grades(params, index, (entry["pcs_left"], entry["pcs_right"]))
         entry["image_sha256"] = _write_nifti(image, affine, out / "images" / f"{sid}.nii.gz")
         if split != "pretrain":
             entry["label_sha256"] = _write_nifti(label, affine, out / "labels" / f"{sid}.nii.gz")

@@ -24,6 +24,8 @@ from study.racing import RACE_FILE, read_race
 from trainables import shared as shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
+from trainables.registration import ROI_MODES
+from trainables.task import TaskSpec, as_task, cohort_task, load_task
 
 STUDY_FILE = "study.json"
 
@@ -95,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="study folder (default runs/<study name>: the grid's name)")
     p.add_argument("--resume", metavar="DIR", help="continue the study in DIR")
     p.add_argument("--cohort", help="manifest.csv of your own cohort (default: the embedded synthetic cohort)")
-    p.add_argument("--roi", choices=["register", "template", "none"], default=None,
+    p.add_argument("--task", default=None, metavar="NAME|FILE.yaml",
+                   help="the task: a built-in name (pcs: PCS presence per hemisphere, the default; pcs3: absent / "
+                   "present / prominent) or a task spec file; default: task.yaml beside the --cohort manifest, "
+                   "else pcs (README, 'Your own task')")
+    p.add_argument("--roi", choices=ROI_MODES, default=None,
                    help="how images reach the study's MNI box: register (affine registration to the ICBM152 "
                    "template; whole-head scans in any orientation; the default with --cohort), template "
                    "(already in MNI space; the default for the embedded cohort, which is written there), none "
@@ -230,11 +236,19 @@ def default_roi(cohort: str | None) -> str:
     return "register" if cohort else "template"
 
 
+def study_task(task: str | None, cohort: str | None) -> TaskSpec:
+    """``--task`` (a built-in name or a spec file), else the cohort's ``task.yaml``, else the PCS task."""
+    if task:
+        return load_task(task)
+    return (cohort_task(cohort) if cohort else None) or load_task("pcs")
+
+
 def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | None = None,
-                 cluster: bool = False) -> tuple[dict, str]:
+                 cluster: bool = False, task: TaskSpec | None = None) -> tuple[dict, str]:
     """Generate or validate the cohort and preprocess every subject once (registration to the template in
     parallel, quality checks, labels leaving the box reported), before any trial starts. ``roi``: the
-    study's region-of-interest mode (default :func:`default_roi`)."""
+    study's region-of-interest mode (default :func:`default_roi`); ``task``: what the manifest's columns and
+    labels are checked against (default :func:`study_task`)."""
     roi = roi or default_roi(cohort)
     import hashlib
 
@@ -250,9 +264,11 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | N
                                    splits=plan.splits or None)
     else:
         manifest = Path(cohort).resolve()
-    records = read_manifest(manifest)
-    validate_cohort(records)
-    cfg = DataConfig(manifest=str(manifest), spacing_mm=plan.spacing_mm, input_size=tuple(plan.input_size), roi=roi)
+    task = task or study_task(None, cohort)
+    records = read_manifest(manifest, task)
+    validate_cohort(records, task)
+    cfg = DataConfig(manifest=str(manifest), spacing_mm=plan.spacing_mm, input_size=tuple(plan.input_size), roi=roi,
+                     task=task.to_dict())
     for split in ("train", "val", "test"):
         count = sum(r.split == split for r in records)
         if count < plan.batch_size:
@@ -265,7 +281,7 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | N
             raise StudyInputError(f"--label-fractions {fraction:g} keeps {labelled_count(train, fraction)} of the "
                                   f"{train} labelled training subjects, fewer than the batch size {plan.batch_size}; "
                                   "use a larger fraction or cohort")
-    for line in describe(preprocess_cohort(cfg, records, cluster=cluster)):
+    for line in describe(preprocess_cohort(cfg, records, cluster=cluster), task.foreground):
         log.info(line)
     # The cohort's identity for the pre-training cache: the manifest's bytes and how it was preprocessed.
     modes = sorted({roi_mode(r, cfg) for r in records})
@@ -283,6 +299,8 @@ def saved_args(args: argparse.Namespace) -> dict:
     for key in ("storage", "pretrain_cache", "cohort"):
         if saved.get(key):
             saved[key] = shared_storage.absolute(saved[key])
+    if saved.get("task") and Path(saved["task"]).suffix in (".yaml", ".yml"):
+        saved["task"] = str(Path(saved["task"]).resolve())
     if saved.get("pretrained"):  # NAME=PATH with the path made absolute, for the same reason
         saved["pretrained"] = [f"{name}={Path(path).resolve()}"
                                for name, path in (pretrained_args(saved["pretrained"]) or {}).items()]
@@ -357,6 +375,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     from trainables.tune_trainable import study_trainable
 
     resume = args.resume is not None
+    saved_task = None
     if args.resume or args.output:
         output = Path(args.resume or args.output).resolve()
     else:  # runs/<study name>: the preset's name, or the grid file's ``name``
@@ -378,12 +397,14 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             args.race, args.race_budget = "off", None
         if "roi" not in saved["args"]:  # a study started before registration existed: its centred crop
             args.roi = "none"
+        saved_task = saved.get("task")  # the task it started with, even if its spec file changed since
         args.resume = str(output)
     elif study_file.exists():
         raise StudyInputError(
             f"{output} already holds a study; continue it with --resume {output} or choose another --output"
         )
     check_numbers(args)
+    task = as_task(saved_task) if resume and saved_task else study_task(getattr(args, "task", None), args.cohort)
     from trainables.faults import faults_from_env
 
     faults_from_env("")  # a malformed STUDY_INJECT_FAULTS (fault-injection testing) is refused up front
@@ -398,7 +419,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         if value:
             shared_storage.check_storage(value, flag)  # an object store: write a probe before any work
     for strategy, backbone in dict.fromkeys((c.strategy, c.backbone) for c in plan.cells):
-        check_applicable(strategy, backbone, tuple(plan.input_size))
+        check_applicable(strategy, backbone, tuple(plan.input_size), task)
     if args.reference and args.reference not in {c.id for c in plan.cells}:
         raise StudyInputError(f"--reference {args.reference!r} is not a cell of this study; its cells: "
                               + ", ".join(c.id for c in plan.cells[:20]) + ("…" if len(plan.cells) > 20 else ""))
@@ -413,10 +434,10 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         with ray_console_to_log(output / "study.log"):
             _join_cluster(args.address)
     data, data_id = prepare_data(plan, output if remote else Path(shared), args.cohort, roi=args.roi,
-                                 cluster=bool(args.address))
+                                 cluster=bool(args.address), task=task)
     from trainables.data import read_manifest
 
-    train_subjects = sum(r.split == "train" for r in read_manifest(data["manifest"]))
+    train_subjects = sum(r.split == "train" for r in read_manifest(data["manifest"], task))
     if remote:
         data["manifest"] = publish_cohort(Path(data["manifest"]), shared, data_id)
     # Pre-training checkpoints are cached by a hash of (method, backbone, config, cohort) in a folder that
@@ -440,7 +461,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     tracker = StudyTracker(mlflow_uri, f"study-{plan.name}-{output.name}", saved.get("parent_run_id"),
                            artifact_location=artifacts)
     if not resume:
-        study = {"args": saved_args(args), "parent_run_id": tracker.parent_run_id, "plan": asdict(plan)}
+        study = {"args": saved_args(args), "parent_run_id": tracker.parent_run_id, "plan": asdict(plan),
+                 "task": task.to_dict()}
         atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
     if external:
         tracker.log_pretrained_reports(external)

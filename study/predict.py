@@ -1,4 +1,5 @@
-"""``python -m study.predict``: segment the PCS in one T1 image and give its presence per hemisphere.
+"""``python -m study.predict``: segment one T1 image and classify it, for the model's task (the PCS task:
+the PCS per hemisphere and its presence).
 
 Examples::
 
@@ -9,7 +10,7 @@ Examples::
 The image is preprocessed exactly as in training (``trainables.data``): with the model's region of
 interest ``register`` (the default since registration exists) it is registered to the ICBM152
 template, resampled into the study's MNI box at the model's voxel spacing and z-scored; the
-segmentation (0 background, 1 left PCS, 2 right PCS) goes back through the inverse transform,
+segmentation (the task's label values: PCS 0 background, 1 left PCS, 2 right PCS) goes back through the inverse transform,
 nearest-neighbour, onto the input image's own voxel grid, so the output has the input's shape and
 affine. ``template`` takes the box by the image's world coordinates; ``none`` (models of studies from
 before registration) reorients, resamples and crops the centre. The model's spacing, input size and
@@ -32,17 +33,24 @@ from pathlib import Path
 import numpy as np
 
 from trainables.errors import StudyInputError, not_a_file
-from trainables.registration import MIN_NCC
+from trainables.registration import MIN_NCC, ROI_MODES
 
 
 @dataclass
 class Prediction:
-    """The segmentation on the input's grid, the input's affine, and P(PCS present) [left, right]."""
+    """The segmentation on the input's grid (the task's label values), the input's affine, and per target
+    and region the class probabilities (``classes[target][region]``, in the task's class order)."""
 
     segmentation: np.ndarray
     affine: np.ndarray
-    probabilities: tuple[float, float]
+    classes: dict[str, dict[str, list[float]]]
     registration: object = None  # trainables.registration.Registration, with roi register
+
+    @property
+    def probabilities(self) -> tuple[float, ...]:
+        """Per (target, region) in the task's order, the probability of any class but the first (the PCS
+        task: P(present) [left, right])."""
+        return tuple(1.0 - p[0] for regions in self.classes.values() for p in regions.values())
 
 
 def _geometry_from_study(model_file: Path) -> dict:
@@ -82,12 +90,12 @@ def load_model(spec: str, tracking_uri: str | None, workdir: str | Path):
 
 def check_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Open and check one image like a training subject (readable NIfTI, 3D, finite, not constant)."""
-    from trainables.data import SubjectRecord, _load_checked
+    from trainables.data import SubjectRecord, load_checked
 
     if not path.is_file():
         raise StudyInputError(f"image {path} {not_a_file(path)}; give a 3D NIfTI (.nii or .nii.gz) T1 image")
     try:
-        image, affine, _ = _load_checked(SubjectRecord("input", path, None, None, None, "test"))
+        image, affine, _ = load_checked(SubjectRecord("input", path, None, None, "test"))
     except StudyInputError as exc:
         raise StudyInputError(str(exc).removeprefix("subject input: ")) from None
     if min(image.shape) < 4:
@@ -133,11 +141,15 @@ def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: 
     import torch
 
     from trainables import registration
-    from trainables.data import DataConfig, SubjectRecord, preprocess_subject
+    from trainables.backbones import task_of
+    from trainables.data import DataConfig, SubjectRecord, normalise, preprocess_subject
+    from trainables.metrics import probabilities
 
     path = Path(image_path)
     image, affine = check_image(path)
-    cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size), roi=roi)
+    task = task_of(model)
+    cfg = DataConfig(manifest=str(path), spacing_mm=float(spacing_mm), input_size=tuple(input_size), roi=roi,
+                     task=task.to_dict())
     reg = None
     if roi == "register":  # the training path (trainables.data) with the registration computed here, not stored
         reg = registration.register(image, affine, where=f"image {path}")
@@ -145,23 +157,22 @@ def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: 
         if problem:
             raise StudyInputError(f"image {path}: registration to the template failed its check: {problem}; "
                                   "is it a whole-head T1? (--roi template for images already in MNI space)")
-        box = registration.resample_box(image, affine, reg.array, cfg.spacing_mm, cfg.input_size)
-        from trainables.data import _normalise
-
-        x = _normalise(box[None])
+        x = normalise(registration.resample_box(image, affine, reg.array, cfg.spacing_mm, cfg.input_size)[None])
     else:
-        x = preprocess_subject(SubjectRecord("input", path, None, None, None, "test"), cfg).image
+        x = preprocess_subject(SubjectRecord("input", path, None, None, "test"), cfg).image
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(x)[None].float())
-    labels = out["seg"][0].argmax(0).numpy()
-    probs = torch.sigmoid(out["cls"][0].float()).tolist()
+    labels = np.asarray(task.label_values, dtype=np.uint8)[out["seg"][0].argmax(0).numpy()]  # channel -> value
+    logits = task.split_logits(out["cls"].float())
+    classes = {t.name: {region: probabilities(logits[t.name][0, j:j + 1], t)[0].tolist()
+                        for j, region in enumerate(t.regions)} for t in task.targets}
     if roi == "none":
         seg = to_input_grid(labels, network_affine(image.shape, affine, cfg), affine, image.shape)
     else:
         matrix = reg.array if reg is not None else np.eye(4)
         seg = registration.to_subject_grid(labels, matrix, cfg.spacing_mm, image.shape, affine)
-    return Prediction(seg, affine, (float(probs[0]), float(probs[1])), reg)
+    return Prediction(seg, affine, classes, reg)
 
 
 def write_segmentation(pred: Prediction, image_path: str | Path, output: str | Path) -> Path:
@@ -179,6 +190,23 @@ def write_segmentation(pred: Prediction, image_path: str | Path, output: str | P
     return output
 
 
+def class_lines(pred: Prediction, task) -> list[str]:
+    """What ``predict`` prints per target: a binary target's probability per region (``PCS presence
+    probability: left 0.912, right 0.034``); a K-class target's called class and probabilities per region."""
+    lines = []
+    for t in task.targets:
+        regions = pred.classes[t.name]
+        if t.binary:
+            lines.append(f"{task.name.upper()} {t.name} probability: "
+                         + ", ".join(f"{r} {p[1]:.3f}" for r, p in regions.items()))
+        else:
+            for r, p in regions.items():
+                called = t.classes[int(np.argmax(p))]
+                lines.append(f"{task.name.upper()} {t.name} {r}: {called} ("
+                             + ", ".join(f"{c} {v:.3f}" for c, v in zip(t.classes, p, strict=True)) + ")")
+    return lines
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2 via main(), no usage dump
         raise StudyInputError(f"{message} (see python -m study.predict --help)")
@@ -190,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image", help="a 3D T1 NIfTI image (.nii or .nii.gz)")
     parser.add_argument("--model", required=True, help="registered model NAME[@ALIAS] (default alias best) "
                         "or the path of a fine-tuned model.pt")
-    parser.add_argument("--output", help="segmentation to write (default: <image>_pcs.nii.gz next to the image)")
+    parser.add_argument("--output", help="segmentation to write (default: <image>_<task>.nii.gz next to the image)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI of the registry (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--roi", choices=["register", "template", "none"], default=None,
+    parser.add_argument("--roi", choices=ROI_MODES, default=None,
                         help="how the image reaches the model's box (default: as the model was trained)")
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -204,17 +232,20 @@ def main(argv: list[str] | None = None) -> int:
             model, info = load_model(args.model, args.tracking_uri, tmp)
         pred = predict_image(model, image, info["spacing_mm"], info["input_size"],
                              roi=args.roi or info.get("roi") or "none")
+        from trainables.backbones import task_of
+
+        task = task_of(model)
         name = image.name.removesuffix(".gz").removesuffix(".nii")
-        out = write_segmentation(pred, image, args.output or image.with_name(f"{name}_pcs.nii.gz"))
+        out = write_segmentation(pred, image, args.output or image.with_name(f"{name}_{task.name}.nii.gz"))
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    left, right = pred.probabilities
     if pred.registration is not None:
         reg = pred.registration
         print(f"registration to the ICBM152 template: NCC {reg.ncc:.2f} inside the box (refused below "
               f"{MIN_NCC}), scales {', '.join(f'{v:.2f}' for v in reg.scales)}, {reg.seconds:.1f} s")
-    print(f"PCS presence probability: left {left:.3f}, right {right:.3f}")
+    for line in class_lines(pred, task):
+        print(line)
     print(f"segmentation: {out}")
     return 0
 

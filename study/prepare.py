@@ -40,7 +40,7 @@ class SubjectSummary:
     subject_id: str
     roi: str
     ncc: float
-    kept: tuple[float, float]
+    kept: tuple[float, ...]  # per foreground class of the task
 
 
 def _summarise(rec: SubjectRecord, cfg: DataConfig) -> SubjectSummary:
@@ -131,9 +131,9 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
     return [done.get(rec.subject_id) or _summarise(rec, cfg) for rec in records]
 
 
-def describe(summaries: list[SubjectSummary]) -> list[str]:
+def describe(summaries: list[SubjectSummary], classes: tuple[str, ...] = ("left_pcs", "right_pcs")) -> list[str]:
     """Lines for the launcher: the registration figures, and each label that lost more than 5% outside
-    the box (subject, hemisphere, share kept)."""
+    the box (subject, segmentation class of ``classes``, the task's foreground classes, and share kept)."""
     lines = []
     registered = [s for s in summaries if s.roi == "register"]
     if registered:
@@ -143,8 +143,8 @@ def describe(summaries: list[SubjectSummary]) -> list[str]:
                      f"{nccs[len(nccs) // 2]:.2f}, lowest {worst.ncc:.2f} ({worst.subject_id}; refused below "
                      f"{registration.MIN_NCC})")
     for s in summaries:
-        for side, kept in zip(("left", "right"), s.kept, strict=True):
+        for name, kept in zip(classes, s.kept, strict=True):
             if kept < registration.MIN_KEPT:
-                lines.append(f"warning: subject {s.subject_id} {side} PCS label: {kept:.0%} of its voxels inside "
+                lines.append(f"warning: subject {s.subject_id} {name} label: {kept:.0%} of its voxels inside "
                              f"the study box ({1 - kept:.0%} lost); check its registration or use another --roi")
     return lines

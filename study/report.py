@@ -29,13 +29,10 @@ from pathlib import Path
 from trainables import shared
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
+from trainables.metric_names import FINAL_METRICS
+from trainables.task import TaskSpec, as_task
 
-COLUMNS = {  # MLflow metric -> (heading, format)
-    "test_score": ("test score", "{:.3f}"), "test_accuracy": ("accuracy", "{:.3f}"), "test_auc": ("AUC", "{:.3f}"), "test_dice": ("Dice", "{:.3f}"),
-    "test_hd95": ("HD95 mm", "{:.1f}"), "time_per_epoch_s": ("s/epoch", "{:.2f}"),
-    "peak_memory_mb": ("peak MB", "{:.0f}"), "trainable_fraction": ("trainable %", "{:.2f}"),
-    "task_storage_bytes": ("storage", "{}"),
-}
+COLUMNS = {k: (m.heading, m.fmt) for k, m in FINAL_METRICS.items()}  # MLflow metric -> (heading, format)
 MIN_IMPORTANCE_TRIALS = 3
 _SAME_CONFIG_IGNORES = {"train.seed", "output_dir", "phase", "race_round"}
 REPEAT_PHASES = ("seeds", "race")  # re-runs of a cell's best configuration
@@ -102,6 +99,7 @@ class Study:
     failed: list[dict]
     pretrain_runs: list = field(default_factory=list)
     comparison: object | None = None  # stats.Comparison
+    task: TaskSpec | None = None  # the study's task (study.json); None for a study from before tasks: PCS
 
 
 def _fmt(key: str, scale: float | None = None):
@@ -191,13 +189,15 @@ def load_study(folder: str | Path) -> Study:
     if not any(c.best for c in cells.values()):
         raise StudyInputError(f"{folder}: no finished fine-tuning trial in {uri}; nothing to report "
                               f"({len(runs)} trial run(s), {len(failed)} failed)")
+    task = as_task(saved.get("task"))
     for cell in cells.values():
-        cell.cases = [c for c in (load_cases(client, r.info.run_id) for r in cell.runs) if c is not None]
+        cell.cases = [c for c in (load_cases(client, r.info.run_id, task) for r in cell.runs) if c is not None]
     pretrain_runs = [r for r in runs if r.data.tags.get("stage") == "pretrain" and r.info.status == "FINISHED"]
-    return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed, pretrain_runs)
+    return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed, pretrain_runs,
+                 task=task)
 
 
-def load_cases(client, run_id: str):
+def load_cases(client, run_id: str, task: TaskSpec | None = None):
     """A run's per-case test results (the ``test_cases.json`` table artifact) as :class:`study.stats.Cases`,
     or None for a run that has none (a study from before per-case results, or a failed upload)."""
     import os
@@ -215,7 +215,7 @@ def load_cases(client, run_id: str):
             return None
     columns = table.get("columns", [])
     rows = [dict(zip(columns, row, strict=False)) for row in table.get("data", [])]
-    return Cases.from_rows(rows) if rows else None
+    return Cases.from_rows(rows, task) if rows else None
 
 
 def reference_cell(study: Study) -> str | None:

@@ -18,12 +18,12 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
-from search_spaces import FINETUNE_SPACES
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
 from study.grid import Cell, StudyPlan
 from study.racing import Race
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
+from trainables.finetune import STRATEGIES
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Where this driver writes the race's record (set by the launcher for a new and a resumed study alike: the
@@ -48,7 +48,7 @@ def optuna_storage(url: str | None, output: str | Path) -> optuna.storages.BaseS
 def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, dict]:
     """(train params, strategy params) for one trial: the shared training space + the strategy's space."""
     train = train_space(trial)
-    params = FINETUNE_SPACES.get(strategy)(trial)
+    params = STRATEGIES.get(strategy).space(trial)
     clash = set(train) & set(params)
     if clash:
         raise StudyInputError(f"search space of {strategy!r} reuses training parameter names {sorted(clash)}")

@@ -3,21 +3,25 @@
 correction, the probability of being best and the set of cells that cannot be told apart from the best.
 
 Every statistic is a function of the per-case rows a fine-tuning trial logs (``test_cases.json``: one row
-per subject and hemisphere with ``dice``, ``probability`` and ``truth``), so every number here can be
-recomputed from MLflow alone:
+per subject, classification target and region with ``dice``, ``truth`` and the called probabilities;
+:func:`trainables.metrics.per_case_rows`), so every number here can be recomputed from MLflow alone. The task
+spec (:mod:`trainables.task`) says which rows make a subject and how the score weighs the metrics:
 
-- ``dice``: mean Dice over the (subject, hemisphere) cases;
-- ``auc``: the ROC AUC of ``probability`` against ``truth`` (Mann-Whitney U / (n1 n0), ties counted half);
-- ``score``: the selection score on the test split, ``(dice + balanced accuracy) / 2`` with the presence
-  threshold 0.5 (``trainables.metrics.selection_score``; an undefined sensitivity or specificity counts 0).
+- ``dice``: mean Dice over the (subject, region) cases;
+- ``auc``: per target the ROC AUC of the probabilities against ``truth`` (Mann-Whitney U / (n1 n0), ties
+  counted half; K classes: the mean one-vs-rest AUC over the classes it is defined for), averaged over targets;
+- ``balanced_accuracy`` and ``accuracy`` of the called class (binary: ``p >= 0.5``; K classes: the most
+  probable), a class absent from the truth counting 0 in the balanced accuracy;
+- ``score``: the task's selection score on the test split (the PCS task: ``(dice + balanced accuracy) / 2``;
+  ``TaskSpec.score_of``, a missing part counting 0).
 
-Resampling is by test subject (both hemispheres of a subject move together, as they are not independent)
+Resampling is by test subject (all regions of a subject move together, as they are not independent)
 with one matrix of resampled subject indices shared by every cell, so that differences between cells are
 paired and the probability of being best compares cells on the same resamples. With seed re-runs, each
 resample also draws, for every cell, as many of its runs as it has, with replacement, and averages the
 statistic over them (seeds and subjects resampled together). Intervals are percentile intervals
 (Efron & Tibshirani 1993); the Wilcoxon signed-rank test is ``scipy.stats.wilcoxon`` on per-subject Dice
-(mean over hemispheres and runs); Holm's step-down correction (Holm 1979) controls the family-wise error
+(mean over regions and runs); Holm's step-down correction (Holm 1979) controls the family-wise error
 over the cells compared with the reference.
 """
 
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as scipy_stats
 
+from trainables.task import TaskSpec, as_task
+
 METRICS = ("score", "dice", "auc")
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -36,30 +42,59 @@ RESAMPLES = 2000
 
 @dataclass
 class Cases:
-    """One run's test cases aligned by subject: arrays ``(subjects, 2)`` for left and right."""
+    """One run's test cases aligned by subject: ``dice`` and ``truth`` ``(subjects, regions)`` over every
+    target's regions in the task's order, ``probability`` ``(subjects, regions, classes)`` (a 2D array of
+    binary P(class 1) is taken as ``[1 - p, p]``; a target with fewer classes than the widest leaves the rest 0)."""
 
     subjects: list[str]
     dice: np.ndarray
     probability: np.ndarray
     truth: np.ndarray
+    task: TaskSpec | None = None  # None: the PCS task
+
+    def __post_init__(self) -> None:
+        self.task = as_task(self.task)
+        p = np.asarray(self.probability, dtype=float)
+        self.probability = np.stack([1 - p, p], axis=-1) if p.ndim == 2 else p
 
     @classmethod
-    def from_rows(cls, rows: list[dict]) -> Cases:
-        """From ``test_cases`` rows (``subject_id``, ``hemisphere`` left/right, ``dice``, ``probability``, ``truth``)."""
+    def from_rows(cls, rows: list[dict], task: TaskSpec | None = None) -> Cases:
+        """From ``test_cases`` rows (``subject_id``, ``target``, ``region``, ``dice``, ``truth``, ``probability``
+        or ``probabilities``). Rows written before tasks existed (``hemisphere``, no ``target``) read as the
+        PCS task's."""
+        task = as_task(task)
         subjects = sorted({str(r["subject_id"]) for r in rows})
         where = {s: i for i, s in enumerate(subjects)}
-        side = {"left": 0, "right": 1}
-        dice = np.full((len(subjects), 2), np.nan)
-        prob = np.full((len(subjects), 2), np.nan)
-        truth = np.full((len(subjects), 2), np.nan)
+        slots = [(t.name, region) for t in task.targets for region in t.regions] or [("", "")]
+        column = {slot: j for j, slot in enumerate(slots)}
+        widest = max((len(t.classes) for t in task.targets), default=2)
+        only = task.targets[0].name if len(task.targets) == 1 else ""
+        dice = np.full((len(subjects), len(slots)), np.nan)
+        prob = np.zeros((len(subjects), len(slots), widest))
+        truth = np.full((len(subjects), len(slots)), np.nan)
         for r in rows:
-            i, j = where[str(r["subject_id"])], side[str(r["hemisphere"])]
-            dice[i, j], prob[i, j], truth[i, j] = float(r["dice"]), float(r["probability"]), float(r["truth"])
-        return cls(subjects, dice, prob, truth)
+            region = str(r.get("region", r.get("hemisphere", "")))
+            i, j = where[str(r["subject_id"])], column[(str(r.get("target") or only), region)]
+            dice[i, j] = float(r["dice"])
+            if "truth" in r:
+                truth[i, j] = float(r["truth"])
+            if "probabilities" in r:
+                values = [float(v) for v in r["probabilities"]]
+                prob[i, j, :len(values)] = values
+            elif "probability" in r:
+                prob[i, j, :2] = (1 - float(r["probability"]), float(r["probability"]))
+        return cls(subjects, dice, prob, truth, task)
 
     def subset(self, subjects: list[str]) -> Cases:
         index = [self.subjects.index(s) for s in subjects]
-        return Cases(list(subjects), self.dice[index], self.probability[index], self.truth[index])
+        return Cases(list(subjects), self.dice[index], self.probability[index], self.truth[index], self.task)
+
+    def targets(self):
+        """Per classification target: (target, its region columns)."""
+        start = 0
+        for t in self.task.targets:
+            yield t, slice(start, start + len(t.regions))
+            start += len(t.regions)
 
 
 # -- the statistics, vectorised over resamples: idx is (B, n) subject indices -----------------------------------
@@ -67,29 +102,70 @@ def dice_of(c: Cases, idx: np.ndarray) -> np.ndarray:
     return c.dice[idx].reshape(idx.shape[0], -1).mean(axis=1)
 
 
-def _balanced_accuracy(c: Cases, idx: np.ndarray) -> np.ndarray:
-    y = c.truth[idx].reshape(idx.shape[0], -1) > 0.5
-    pred = c.probability[idx].reshape(idx.shape[0], -1) >= 0.5
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sens = (pred & y).sum(1) / y.sum(1)
-        spec = (~pred & ~y).sum(1) / (~y).sum(1)
-    return (np.nan_to_num(sens, nan=0.0) + np.nan_to_num(spec, nan=0.0)) / 2
+def _called(c: Cases, idx: np.ndarray):
+    """Per target: (target, truth ``(B, m)`` as int, probabilities ``(B, m, K)``, called class ``(B, m)``)."""
+    for t, columns in c.targets():
+        k = len(t.classes)
+        y = c.truth[idx][:, :, columns].reshape(idx.shape[0], -1)
+        p = c.probability[idx][:, :, columns, :k].reshape(idx.shape[0], -1, k)
+        pred = (p[..., 1] >= 0.5).astype(int) if t.binary else p.argmax(axis=-1)
+        yield t, np.rint(y).astype(int), p, pred
 
 
-def score_of(c: Cases, idx: np.ndarray) -> np.ndarray:
-    return (dice_of(c, idx) + _balanced_accuracy(c, idx)) / 2
+def _mean_over_targets(values: list[np.ndarray], n: int) -> np.ndarray:
+    if not values:
+        return np.full(n, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(values), axis=0)
 
 
-def auc_of(c: Cases, idx: np.ndarray) -> np.ndarray:
-    """ROC AUC per resample from ranks (the Mann-Whitney statistic); NaN where a resample has one class."""
-    p = c.probability[idx].reshape(idx.shape[0], -1)
-    y = c.truth[idx].reshape(idx.shape[0], -1) > 0.5
+def balanced_accuracy_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    """Mean recall over each target's classes (a class absent from a resample's truth counts 0)."""
+    out = []
+    for t, y, _, pred in _called(c, idx):
+        recalls = []
+        for k in range(len(t.classes)):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recall = ((pred == k) & (y == k)).sum(1) / (y == k).sum(1)
+            recalls.append(np.nan_to_num(recall, nan=0.0))
+        out.append(np.mean(recalls, axis=0))
+    return _mean_over_targets(out, idx.shape[0])
+
+
+def accuracy_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    return _mean_over_targets([(pred == y).mean(axis=1) for _, y, _, pred in _called(c, idx)], idx.shape[0])
+
+
+def _rank_auc(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ROC AUC per row from ranks (the Mann-Whitney statistic); NaN where a row has one class."""
     ranks = scipy_stats.rankdata(p, axis=1)
     n1 = y.sum(1)
     n0 = y.shape[1] - n1
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = ((ranks * y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
     return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+
+
+def auc_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    """Per target the ROC AUC (K classes: the mean one-vs-rest AUC over the classes defined in the resample),
+    averaged over targets; NaN where a resample has one class."""
+    out = []
+    for t, y, p, _ in _called(c, idx):
+        if t.binary:
+            out.append(_rank_auc(p[..., 1], y == 1))
+        else:
+            out.append(_mean_over_targets([_rank_auc(p[..., k], y == k) for k in range(len(t.classes))],
+                                          idx.shape[0]))
+    return _mean_over_targets(out, idx.shape[0])
+
+
+_PARTS = {"dice": dice_of, "balanced_accuracy": balanced_accuracy_of, "accuracy": accuracy_of, "auc": auc_of}
+
+
+def score_of(c: Cases, idx: np.ndarray) -> np.ndarray:
+    """The task's selection score per resample (``TaskSpec.score_of`` over resamples; a NaN part counts 0)."""
+    return sum(weight * np.nan_to_num(_PARTS[metric](c, idx), nan=0.0) for metric, weight in c.task.score)
 
 
 STATISTICS = {"score": score_of, "dice": dice_of, "auc": auc_of}

@@ -9,9 +9,9 @@ from rich.table import Table
 
 from study.grid import StudyPlan
 from study.tracking import StudyTracker, open_ui_command
+from trainables.metric_names import FINAL_METRICS
 
-COLUMNS = ("score", "test_score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_per_epoch_s", "peak_memory_mb",
-           "trainable_fraction")
+COLUMNS = ("score", *(k for k in FINAL_METRICS if k != "task_storage_bytes"))
 
 
 def best_runs_per_cell(tracker: StudyTracker) -> dict[str, object]:

@@ -25,16 +25,14 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from study.provenance import code_version
+from trainables import metric_names
 
 log = logging.getLogger("study")
 # MLflow prints a full traceback for every failed SQL statement; the retries and the queue below say it in a line
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Final metrics every fine-tuning run carries (so the compare view lines trials up).
-FINAL_METRICS = (
-    "test_score", "test_accuracy", "test_auc", "test_dice", "test_hd95", "time_total_s", "time_per_epoch_s",
-    "peak_memory_mb", "trainable_params", "trainable_fraction", "task_storage_bytes",
-)
+FINAL_METRICS = (*metric_names.FINAL_METRICS, *metric_names.EXTRA_FINAL_METRICS)
 _SECRET = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
 _URL_AUTH = re.compile(r"(\w+://)[^/@\s]+@")
 
@@ -310,7 +308,7 @@ class MLflowTrialCallback(Callback):
                 return  # an epoch a retried or resumed trial reports again (it restarted before it)
             for i in range(0, len(metrics), 500):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
-            if cases:  # the test evaluation, one row per (subject, hemisphere): an MLflow table artifact
+            if cases:  # the test evaluation, one row per (subject, target, region): an MLflow table artifact
                 self.client.log_table(run_id, data=cases_to_columns(cases), artifact_file=TEST_CASES_FILE)
             self.logged[trial.trial_id] = step
 

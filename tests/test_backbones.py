@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainables.backbones import BACKBONES, SEG_CLASSES, BackboneConfig, build_backbone
+from trainables.backbones import BACKBONES, BackboneConfig, backbone_info, build_backbone
 from trainables.errors import StudyInputError
+from trainables.task import default_task
+
+SEG_CLASSES = default_task().seg_channels
 
 
 def tiny(name: str) -> tuple[BackboneConfig, int]:
-    """Tiny config and input side per backbone (SwinUNETR needs multiples of 32)."""
-    return (BackboneConfig(name=name, width=12), 32) if name == "swinunetr" else (BackboneConfig(name=name, width=8), 16)
+    """Tiny config and input side per backbone, from its registered constraints (SwinUNETR: multiples of 32)."""
+    info = backbone_info(name)
+    return BackboneConfig(name=name, width=max(8, info.width_step)), max(16, info.input_multiple)
 
 
 # every backbone at its tiny size and at 32^3 (SwinUNETR's tiny size is 32^3 already)

@@ -13,7 +13,7 @@ from trainables.errors import StudyInputError
 
 
 def _records(n: int) -> list[SubjectRecord]:
-    return [SubjectRecord(f"s{i:03d}", Path(f"/x/{i}.nii.gz"), None, 0, 0, "train") for i in range(n)]
+    return [SubjectRecord(f"s{i:03d}", Path(f"/x/{i}.nii.gz"), None, (0, 0), "train") for i in range(n)]
 
 
 def test_subsets_are_nested_the_same_at_a_seed_and_sized_by_the_fraction():

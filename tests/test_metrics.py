@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from trainables.metrics import classification_metrics, segmentation_metrics, selection_score
+from trainables.metrics import classification_metrics, segmentation_metrics
+from trainables.task import default_task
 
 
 def _logits_from_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -46,5 +47,7 @@ def test_classification_hand_case() -> None:
 
 
 def test_selection_score() -> None:
-    assert math.isclose(selection_score({"dice": 0.5, "sensitivity": 1.0, "specificity": 0.0}), 0.5)
-    assert selection_score({"dice": float("nan"), "sensitivity": 1.0, "specificity": 1.0}) == 0.5
+    """The PCS task's score: (dice + balanced accuracy) / 2, a missing part counting 0."""
+    task = default_task()
+    assert math.isclose(task.score_of({"dice": 0.5, "balanced_accuracy": (1.0 + 0.0) / 2}), 0.5)
+    assert task.score_of({"dice": float("nan"), "balanced_accuracy": (1.0 + 1.0) / 2}) == 0.5

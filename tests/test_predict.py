@@ -34,7 +34,7 @@ from study.model_registry import load_model_folder, register_best, stage_model
 from study.predict import main as predict_main
 from study.predict import network_affine, predict_image, to_input_grid
 from trainables.backbones import BackboneConfig
-from trainables.data import DataConfig, SubjectRecord, _preprocess
+from trainables.data import DataConfig, SubjectRecord, preprocess_subject
 from trainables.engine import TrainConfig
 from trainables.trials import FinetuneTrial, run_finetune
 
@@ -177,7 +177,7 @@ def test_label_round_trip_through_the_network_grid(cohort, tmp_path) -> None:
     blob = (image > np.percentile(image, 55)).astype(np.uint8)
     path_img, path_lab = _save(image, affine, tmp_path / "img.nii.gz"), _save(blob, affine, tmp_path / "lab.nii.gz")
     cfg = DataConfig(manifest=str(tmp_path / "m.csv"), spacing_mm=SPACING, input_size=SIZE, roi="none")
-    _, label_net = _preprocess(SubjectRecord("x", path_img, path_lab, 0, 0, "test"), cfg)
+    label_net = preprocess_subject(SubjectRecord("x", path_img, path_lab, (0, 0), "test"), cfg).label
     back = to_input_grid(label_net[0], network_affine(image.shape, affine, cfg), affine, image.shape)
     assert back.shape == blob.shape
     assert _dice(back > 0, blob > 0) > 0.9

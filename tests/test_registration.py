@@ -142,7 +142,7 @@ def test_a_label_leaving_the_box_is_reported(head, tmp_path):
     summaries = preprocess_cohort(cfg, read_manifest(cfg.manifest), workers=1)
     assert summaries[0].kept[0] >= 0.95 and summaries[0].kept[1] == 0.0
     warnings = [line for line in describe(summaries) if line.startswith("warning")]
-    assert warnings == [warnings[0]] and "subject a right PCS label: 0% of its voxels" in warnings[0]
+    assert warnings == [warnings[0]] and "subject a right_pcs label: 0% of its voxels" in warnings[0]
 
 
 class _Oracle(torch.nn.Module):
@@ -222,7 +222,7 @@ def test_images_that_cannot_be_registered_are_refused_with_one_line(tmp_path):
              str(slab))
     cfg = DataConfig(manifest=str(tmp_path / "manifest.csv"), spacing_mm=SPACING, input_size=SIZE)
     for path, figure in ((noise, "NCC"), (slab, "slab")):
-        rec = SubjectRecord(path.stem.split(".")[0], path, None, None, None, "pretrain", manifest=tmp_path / "m.csv")
+        rec = SubjectRecord(path.stem.split(".")[0], path, None, None, "pretrain", manifest=tmp_path / "m.csv")
         with pytest.raises(StudyInputError) as info:
             preprocess_subject(rec, cfg)
         message = str(info.value)

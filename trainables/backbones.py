@@ -1,19 +1,23 @@
 """Multi-task 3D backbones (MONAI networks) with named parts.
 
-Every backbone is a :class:`MultiTaskNet`: a segmentation output (background, left PCS, right PCS)
-and a per-hemisphere PCS presence output (two logits, ``[left, right]``) computed by a head on the
-bottleneck features. The parts have the same names on every architecture, so a fine-tuning strategy
-can address "the decoder" or "the last k blocks" without knowing which network it is:
+Every backbone is a :class:`MultiTaskNet` built for a task (:class:`trainables.task.TaskSpec`): a
+segmentation output with one channel per segmentation class and a classification output with the task's
+logits, computed by a head on the bottleneck features (the PCS task: background / left / right PCS, and one
+presence logit per hemisphere). The parts have the same names on every architecture, so a fine-tuning
+strategy can address "the decoder" or "the last k blocks" without knowing which network it is:
 
 - ``encoder``: ``nn.ModuleList`` of stages, shallow to deep; stage ``i`` maps a channels-first 5D
   tensor to a channels-first 5D tensor with ``stage_channels[i]`` channels. The last output is the
   bottleneck.
 - ``decoder``: ``nn.ModuleList`` of blocks in the order they run.
 - ``seg_head``: 1x1x1 convolution to the segmentation classes.
-- ``cls_head``: :class:`HemisphereHead` on the bottleneck.
+- ``cls_head``: :class:`PooledHead` on the bottleneck (one per target when a task has several).
 
 The *body* (encoder + decoder) is what pre-training learns and what checkpoints hold; the heads are
 task-specific. Inputs are RAS-oriented, so voxel axis 0 runs from the left hemisphere to the right one.
+
+Each backbone registers with what it needs of its input and width (:class:`BackboneInfo`, as timm's
+per-model configs do); the grid, the search spaces and the tests read those constraints from the registry.
 """
 
 from __future__ import annotations
@@ -28,11 +32,50 @@ from torch import nn
 
 from trainables.errors import StudyInputError
 from trainables.registry import Registry
+from trainables.task import Target, TaskSpec, as_task
 
-BACKBONES: Registry[Callable[[BackboneConfig], MultiTaskNet]] = Registry("backbone")
 
-SEG_CLASSES = 3  # 0 background, 1 left PCS, 2 right PCS
-HEMISPHERES = 2  # presence logits [left, right]
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a backbone needs and has, declared where it is registered.
+
+    Args:
+        input_multiple: every input side must be a multiple of this (SwinUNETR's patch merging: 32).
+        width_step: the width is rounded to a multiple of this (SwinUNETR's heads: 12); 1 = taken as given.
+        encoder_stages: encoder stages (``partial`` may train up to ``encoder_stages - 1``).
+        blocks: body blocks, encoder and decoder (``top`` may train up to ``blocks - 1``).
+    """
+
+    input_multiple: int = 1
+    width_step: int = 1
+    encoder_stages: int = 4
+    blocks: int = 7
+
+    def check_input(self, name: str, size: tuple[int, ...]) -> None:
+        """Raise StudyInputError if ``size`` does not suit the backbone."""
+        if any(s % self.input_multiple for s in size):
+            raise StudyInputError(f"{name} needs input sides that are multiples of {self.input_multiple}, "
+                                  f"got {tuple(size)}; use an input size such as {(self.input_multiple * 2,) * 3}")
+
+
+BACKBONES: Registry[Callable[..., MultiTaskNet]] = Registry("backbone")
+BACKBONE_INFO: dict[str, BackboneInfo] = {}
+
+
+def register_backbone(name: str, info: BackboneInfo) -> Callable:
+    """Class decorator: registers a :class:`MultiTaskNet` subclass under ``name`` with its constraints."""
+
+    def deco(cls: type) -> type:
+        BACKBONES.register(name)(cls)
+        BACKBONE_INFO[name] = info
+        return cls
+
+    return deco
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    BACKBONES.get(name)  # the error listing valid names
+    return BACKBONE_INFO[name]
 
 
 @dataclass
@@ -41,7 +84,8 @@ class BackboneConfig:
 
     Args:
         name: registered backbone name (``unet``, ``segresnet``, ``swinunetr``).
-        width: base number of feature channels (the first stage's width; SwinUNETR rounds to a multiple of 12).
+        width: base number of feature channels (the first stage's width; rounded to the backbone's
+            ``width_step``: SwinUNETR's 12).
         in_channels: image channels (1 for T1).
         dropout: dropout before the classification head.
     """
@@ -62,31 +106,61 @@ class BackboneConfig:
         return asdict(self)
 
 
-class HemisphereHead(nn.Module):
-    """Per-hemisphere presence logits from bottleneck features.
+class PooledHead(nn.Module):
+    """One classification target's logits from bottleneck features.
 
-    The bottleneck is split along voxel axis 0 (left | right in RAS), each half is average-pooled,
-    and one shared MLP (``hidden`` layers, 0 = linear) maps each half's pooled features to a logit.
-    Sharing the weights between hemispheres doubles the examples the head sees.
+    The bottleneck is average-pooled over the whole volume (one region) or over each half along the
+    target's axis (two regions: the PCS hemispheres along RAS axis 0), and one shared MLP (``hidden_layers``,
+    0 = linear) maps each region's pooled features to the target's logits (1 for a binary target, K for K
+    classes). Sharing the weights between regions doubles the examples the head sees. Output ``(B, regions x
+    logits)``, region-major.
     """
 
-    def __init__(self, channels: int, hidden_layers: int = 0, hidden: int = 64, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, target: Target, hidden_layers: int = 0, hidden: int = 64,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        self.halves = target.pooling == "halves"
+        self.axis = target.axis
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout else []
         width = channels
         for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden), nn.GELU()]
             width = hidden
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, target.logits_per_region))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        d = bottleneck.shape[2]
-        half = max(d // 2, 1)
-        left = bottleneck[:, :, :half].mean(dim=(2, 3, 4))
-        right = bottleneck[:, :, d - half :].mean(dim=(2, 3, 4))
-        pooled = torch.stack([left, right], dim=1)  # (B, 2, C)
-        return self.mlp(pooled).squeeze(-1)  # (B, 2)
+        if self.halves:
+            d = bottleneck.shape[2 + self.axis]
+            half = max(d // 2, 1)
+            low = bottleneck.narrow(2 + self.axis, 0, half).mean(dim=(2, 3, 4))
+            high = bottleneck.narrow(2 + self.axis, d - half, half).mean(dim=(2, 3, 4))
+            pooled = torch.stack([low, high], dim=1)  # (B, 2, C)
+        else:
+            pooled = bottleneck.mean(dim=(2, 3, 4))[:, None]  # (B, 1, C)
+        return self.mlp(pooled).flatten(1)
+
+
+class TargetHeads(nn.Module):
+    """The heads of a task with several targets (or none), their logits side by side in the spec's order."""
+
+    def __init__(self, heads: dict[str, PooledHead]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        if not self.heads:  # a segmentation-only task
+            return bottleneck.new_zeros(bottleneck.shape[0], 0)
+        return torch.cat([h(bottleneck) for h in self.heads.values()], dim=1)
+
+
+def classification_head(channels: int, task: TaskSpec, hidden_layers: int = 0, hidden: int = 64,
+                        dropout: float = 0.0) -> nn.Module:
+    """The task's classification head: a :class:`PooledHead` for one target, else :class:`TargetHeads`."""
+    heads = {t.name: PooledHead(channels, t, hidden_layers, hidden, dropout) for t in task.targets}
+    if len(heads) == 1:
+        return next(iter(heads.values()))
+    return TargetHeads(heads)
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -108,9 +182,10 @@ class MultiTaskNet(nn.Module):
     decoder_channels: int
     cls_stage: int = -1  # which encoder output the classification head reads (the bottleneck)
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, task: TaskSpec | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.task = as_task(task)
 
     def _map_native(self, net: nn.Module) -> None:
         """Remember the MONAI network's own name of every body tensor (``native_keys``: our key -> MONAI's),
@@ -119,8 +194,13 @@ class MultiTaskNet(nn.Module):
         self.native_keys = {k: names[id(t)] for k, t in self.state_dict(keep_vars=True).items() if id(t) in names}
 
     def _init_heads(self) -> None:
-        self.seg_head = nn.Conv3d(self.decoder_channels, SEG_CLASSES, kernel_size=1)
-        self.cls_head = HemisphereHead(self.stage_channels[self.cls_stage], dropout=self.config.dropout)
+        self.seg_head = nn.Conv3d(self.decoder_channels, self.task.seg_channels, kernel_size=1)
+        self.rebuild_cls_head()
+
+    def rebuild_cls_head(self, hidden_layers: int = 0, hidden: int = 64) -> None:
+        """A new classification head for the task on the bottleneck (``hidden_layers`` > 0: an MLP)."""
+        self.cls_head = classification_head(self.stage_channels[self.cls_stage], self.task, hidden_layers, hidden,
+                                            self.config.dropout)
 
     # -- forward pieces ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -190,16 +270,16 @@ def _groups(width: int, most: int = 8) -> int:
 
 
 # -- UNet (MONAI BasicUNet) ------------------------------------------------------------------------
-@BACKBONES.register("unet")
+@register_backbone("unet", BackboneInfo(encoder_stages=5, blocks=9))
 class UNetMultiTask(MultiTaskNet):
     """MONAI ``BasicUNet`` (Ronneberger et al., 2015; Falk et al., 2019): 5 stages, 4 up-blocks, group norm."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: BackboneConfig, task: TaskSpec | None = None) -> None:
+        super().__init__(cfg, task)
         w = cfg.width
         feats = (w, w, 2 * w, 4 * w, 8 * w, w)
         # group norm (not BasicUNet's default instance norm) so that a one-voxel bottleneck (16^3 inputs) trains
-        net = BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=SEG_CLASSES, features=feats,
+        net = BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=self.task.seg_channels, features=feats,
                         norm=("group", {"num_groups": _groups(w)}))
         self.encoder = nn.ModuleList([net.conv_0, net.down_1, net.down_2, net.down_3, net.down_4])
         self.decoder = nn.ModuleList([net.upcat_4, net.upcat_3, net.upcat_2, net.upcat_1])
@@ -222,18 +302,18 @@ class _SegResUp(nn.Module):
         return self.blocks(self.up(x) + skip)
 
 
-@BACKBONES.register("segresnet")
+@register_backbone("segresnet", BackboneInfo(encoder_stages=4, blocks=7))
 class SegResNetMultiTask(MultiTaskNet):
     """MONAI ``SegResNet`` (Myronenko, 2018, "3D MRI brain tumor segmentation using autoencoder regularization")."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: BackboneConfig, task: TaskSpec | None = None) -> None:
+        super().__init__(cfg, task)
         w = cfg.width
         net = SegResNet(
             spatial_dims=3,
             init_filters=w,
             in_channels=cfg.in_channels,
-            out_channels=SEG_CLASSES,
+            out_channels=self.task.seg_channels,
             blocks_down=(1, 2, 2, 4),
             blocks_up=(1, 1, 1),
             norm=("GROUP", {"num_groups": _groups(w)}),
@@ -281,7 +361,7 @@ def _layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-1, 1)
 
 
-@BACKBONES.register("swinunetr")
+@register_backbone("swinunetr", BackboneInfo(input_multiple=32, width_step=12, encoder_stages=5, blocks=11))
 class SwinUNETRMultiTask(MultiTaskNet):
     """MONAI ``SwinUNETR`` (Hatamizadeh et al., 2022, "Swin UNETR"), the source study's transformer-CNN.
 
@@ -293,12 +373,13 @@ class SwinUNETRMultiTask(MultiTaskNet):
 
     cls_stage = -2
 
-    def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__(cfg)
-        fs = 12 * max(1, round(cfg.width / 12))
+    def __init__(self, cfg: BackboneConfig, task: TaskSpec | None = None) -> None:
+        super().__init__(cfg, task)
+        step = BACKBONE_INFO["swinunetr"].width_step
+        fs = step * max(1, round(cfg.width / step))
         net = SwinUNETR(
             in_channels=cfg.in_channels,
-            out_channels=SEG_CLASSES,
+            out_channels=self.task.seg_channels,
             feature_size=fs,
             spatial_dims=3,
             norm_name=("group", {"num_groups": 4}),
@@ -324,8 +405,7 @@ class SwinUNETRMultiTask(MultiTaskNet):
         self._init_heads()
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if any(s % 32 for s in x.shape[2:]):
-            raise StudyInputError(f"swinunetr needs input sides that are multiples of 32, got {tuple(x.shape[2:])}")
+        BACKBONE_INFO["swinunetr"].check_input("swinunetr", tuple(x.shape[2:]))
         return super().encode(x)
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -343,9 +423,18 @@ class SwinUNETRMultiTask(MultiTaskNet):
         return {"seg": self.seg_head(dec), "cls": self.cls_head(_layer_norm_channels(feats[self.cls_stage]))}
 
 
-def build_backbone(cfg: BackboneConfig) -> MultiTaskNet:
-    """Construct the registered backbone ``cfg.name``."""
-    return BACKBONES.get(cfg.name)(cfg)
+def build_backbone(cfg: BackboneConfig, task: TaskSpec | None = None) -> MultiTaskNet:
+    """Construct the registered backbone ``cfg.name`` for ``task`` (default: the PCS task)."""
+    return BACKBONES.get(cfg.name)(cfg, task)
+
+
+def task_of(model: nn.Module) -> TaskSpec:
+    """The task of the :class:`MultiTaskNet` inside ``model`` (a strategy may have wrapped it); the PCS task for
+    a model that names none."""
+    for module in model.modules():
+        if isinstance(getattr(module, "task", None), TaskSpec):
+            return module.task
+    return as_task(None)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """A cohort on disk (NIfTI + manifest.csv) -> validated, reoriented, resampled, cached torch datasets.
 
-The manifest has columns ``subject_id,image,label,pcs_left,pcs_right,split`` (optionally ``sha256`` of
-the image file, and ``roi``: how this subject reaches the study's box, overriding ``DataConfig.roi``);
+The manifest has columns ``subject_id,image,label,split`` and one column per classification target and region
+of the task (:mod:`trainables.task`; the PCS task: ``pcs_left,pcs_right``), optionally ``sha256`` of the image
+file and ``roi`` (how this subject reaches the study's box, overriding ``DataConfig.roi``);
 paths are relative to the manifest's folder (absolute paths are allowed). Splits are
 ``pretrain`` (unlabelled pool), ``train``, ``val`` and ``test``. Every problem with the input raises
 :class:`StudyInputError` naming the manifest, the subject and the file, before any training starts.
@@ -28,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from trainables import registration
 from trainables.atomic import atomic_write, atomic_write_text
 from trainables.errors import StudyInputError, not_a_file
+from trainables.task import TaskSpec, as_task, cohort_task
 
 SPLITS = ("pretrain", "train", "val", "test")
 LABELED_SPLITS = ("train", "val", "test")
-REQUIRED_COLUMNS = ("subject_id", "image", "label", "pcs_left", "pcs_right", "split")
-LABEL_VALUES = (0, 1, 2)  # background, left PCS, right PCS
+BASE_COLUMNS = ("subject_id", "image", "label", "split")  # and the task's target columns
 PREPROCESS_VERSION = 2  # bump when preprocessing changes, to invalidate caches
 REGISTRATION_FOLDER = ".registration"  # beside the manifest: travels with the cohort to other nodes
 _SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -51,6 +52,12 @@ class DataConfig:
     # space, take the box by world coordinates; none: already cropped, centred crop/pad in RAS
     train_fraction: float = 1.0  # share of the labelled training subjects the train split keeps (nested subsets)
     subset_seed: int = 0  # which subjects a fraction keeps: the same at the same seed, for every cell
+    task: dict | None = None  # the task spec's YAML form (trainables.task); None: the PCS task
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The task (validated once, in ``__post_init__``)."""
+        return self._task
 
     def __post_init__(self) -> None:
         if isinstance(self.manifest, os.PathLike):
@@ -78,6 +85,8 @@ class DataConfig:
         if isinstance(self.train_fraction, bool) or not isinstance(self.train_fraction, (int, float)) or not (
                 0 < self.train_fraction <= 1):
             raise StudyInputError(f"DataConfig.train_fraction {self.train_fraction!r}: must be a number in (0, 1]")
+        self._task = as_task(self.task)
+        self.task = self._task.to_dict()
         if self.roi not in registration.ROI_MODES:
             raise StudyInputError(f"roi {self.roi!r}: must be one of {', '.join(registration.ROI_MODES)} "
                                   "(register: whole-head scans; template: already in MNI space; none: already cropped)")
@@ -90,8 +99,7 @@ class SubjectRecord:
     subject_id: str
     image: Path
     label: Path | None
-    pcs_left: int | None
-    pcs_right: int | None
+    targets: tuple[int, ...] | None  # class index per task column (None: unlabelled)
     split: str
     sha256: str | None = None  # expected checksum of the image file, when the manifest has one
     manifest: Path | None = None  # the manifest this row came from (for messages)
@@ -113,14 +121,29 @@ def _resolve(folder: Path, value: str, where: str, what: str) -> Path:
     return Path(resolved)
 
 
-def _binary(value: str, where: str, column: str) -> int:
-    if value not in ("0", "1"):
-        raise StudyInputError(f"{where}: {column} is {value!r}; labelled rows need 0 (absent) or 1 (present)")
+def _class_index(value: str, where: str, column: str, classes: tuple[str, ...]) -> int:
+    valid = [str(i) for i in range(len(classes))]
+    if value not in valid:
+        named = ", ".join(f"{i} ({c})" for i, c in enumerate(classes))
+        raise StudyInputError(f"{where}: {column} is {value!r}; labelled rows need one of {named}")
     return int(value)
 
 
-def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
-    """Read and check a manifest.csv (columns, splits, duplicates, paths exist); no NIfTI is opened."""
+def manifest_task(path: str | os.PathLike, task: TaskSpec | None = None) -> TaskSpec:
+    """The task a manifest is read for: the one given, else the cohort's ``task.yaml``, else the PCS task."""
+    return task or cohort_task(path) or as_task(None)
+
+
+def required_columns(task: TaskSpec) -> tuple[str, ...]:
+    return (*BASE_COLUMNS[:3], *task.columns, BASE_COLUMNS[3])
+
+
+def read_manifest(path: str | os.PathLike, task: TaskSpec | None = None) -> list[SubjectRecord]:
+    """Read and check a manifest.csv for ``task`` (:func:`manifest_task`): columns, splits, duplicates, target
+    values, paths exist; no NIfTI is opened."""
+    task = manifest_task(path, task)
+    REQUIRED_COLUMNS = required_columns(task)  # noqa: N806
+    classes = {c: t.classes for t in task.targets for c in t.columns}
     manifest = Path(path)
     if not manifest.is_file():
         what = "is a folder; pass the manifest.csv inside it" if manifest.is_dir() else "does not exist"
@@ -141,7 +164,8 @@ def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise StudyInputError(
-            f"manifest {manifest} lacks column(s) {', '.join(missing)}; required: {','.join(REQUIRED_COLUMNS)}"
+            f"manifest {manifest} lacks column(s) {', '.join(missing)}; required for task {task.name}: "
+            f"{','.join(REQUIRED_COLUMNS)}"
         )
     if not rows:
         raise StudyInputError(f"manifest {manifest} has a header but no subject rows; add one row per subject")
@@ -177,17 +201,17 @@ def read_manifest(path: str | os.PathLike) -> list[SubjectRecord]:
         for file, what in ((image, "image"), (label, "label")):
             if file is not None and not file.is_file():
                 raise StudyInputError(f"{where}: {what} {file} {not_a_file(file)}; fix the path in the manifest")
-        left, right = row["pcs_left"], row["pcs_right"]
-        if labeled or left or right:
-            pcs_left, pcs_right = _binary(left, where, "pcs_left"), _binary(right, where, "pcs_right")
+        values = [row[c] for c in task.columns]
+        if labeled or any(values):
+            targets = tuple(_class_index(v, where, c, classes[c]) for v, c in zip(values, task.columns, strict=True))
         else:
-            pcs_left = pcs_right = None
+            targets = None
         digest = row.get("sha256") or None
         roi = row.get("roi") or None
         if roi is not None and roi not in registration.ROI_MODES:
             raise StudyInputError(f"{where}: roi {roi!r} is not one of {', '.join(registration.ROI_MODES)}; "
                                   "leave it empty to use the study's --roi")
-        records.append(SubjectRecord(sid, image, label, pcs_left, pcs_right, split, digest, manifest, roi))
+        records.append(SubjectRecord(sid, image, label, targets, split, digest, manifest, roi))
     return records
 
 
@@ -195,8 +219,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _load_checked(rec: SubjectRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Open one subject's NIfTI files and check their content; return (image, affine, label or None)."""
+def load_checked(rec: SubjectRecord, task: TaskSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Open one subject's NIfTI files and check their content (label values: the task's); return (image,
+    affine, label or None)."""
     where = f"subject {rec.subject_id}"
     if rec.sha256:
         digest = hashlib.sha256(rec.image.read_bytes()).hexdigest()
@@ -243,20 +268,23 @@ def _load_checked(rec: SubjectRecord) -> tuple[np.ndarray, np.ndarray, np.ndarra
             f"{where}: label {rec.label} affine differs from image {rec.image} affine (max diff {diff:.3g}); "
             "resample the label onto the image grid"
         )
+    task = as_task(task)
     values = np.unique(label)
-    odd = [v for v in values.tolist() if v not in LABEL_VALUES]
+    odd = [v for v in values.tolist() if v not in task.label_values]
     if odd:
+        named = ", ".join(f"{v} {n}" for n, v in task.segmentation)
         raise StudyInputError(
-            f"{where}: label {rec.label} has value(s) {odd[:5]} outside {{0,1,2}} "
-            "(0 background, 1 left PCS, 2 right PCS); relabel it"
+            f"{where}: label {rec.label} has value(s) {odd[:5]} outside {{{','.join(str(v) for v in task.label_values)}}} "
+            f"(task {task.name}: {named}); relabel it or fix the task spec"
         )
     return image, affine, label
 
 
-def validate_cohort(records: list[SubjectRecord]) -> None:
-    """Open every subject's NIfTI files and check them (readable, 3D, finite, label matches image)."""
+def validate_cohort(records: list[SubjectRecord], task: TaskSpec | None = None) -> None:
+    """Open every subject's NIfTI files and check them (readable, 3D, finite, label matches image, label
+    values the task's)."""
     for rec in records:
-        _load_checked(rec)
+        load_checked(rec, task)
 
 
 def roi_mode(rec: SubjectRecord, cfg: DataConfig) -> str:
@@ -297,7 +325,7 @@ def register_subject(rec: SubjectRecord, image: np.ndarray | None = None,
     reg = stored_registration(rec)
     if reg is None:
         if image is None or affine is None:
-            image, affine, _ = _load_checked(rec)
+            image, affine, _ = load_checked(rec)
         reg = registration.register(image, affine, where=f"subject {rec.subject_id}: image {rec.image}")
         store_registration(rec, reg)
     problem = reg.problem()
@@ -312,16 +340,26 @@ def register_subject(rec: SubjectRecord, image: np.ndarray | None = None,
 @dataclass
 class Preprocessed:
     """One subject in the study box: image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W), the
-    template->subject ``matrix`` (identity for roi none/template), NCC and the label fractions kept."""
+    template->subject ``matrix`` (identity for roi none/template), NCC and the label fractions kept. The label
+    holds channel indices (the task's label values in channel order: 0 .. classes - 1)."""
 
     image: np.ndarray
     label: np.ndarray
     matrix: np.ndarray
     ncc: float
-    kept: tuple[float, float]  # share of the left / right PCS label voxels inside the box (1.0 without a label)
+    kept: tuple[float, ...]  # share of each foreground class's label voxels inside the box (1.0 without a label)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
+def to_channels(label: np.ndarray, task: TaskSpec) -> np.ndarray:
+    """Label values -> channel indices (uint8), for a task whose values are not already 0 .. classes - 1."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for channel, value in enumerate(task.label_values):
+        lut[value] = channel
+    return lut[np.rint(label).astype(np.int64).clip(0, 255)]
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Z-score over the non-zero voxels (MONAI's ``NormalizeIntensity(nonzero=True)``), float32."""
     from monai.transforms import NormalizeIntensity
 
     return np.asarray(NormalizeIntensity(nonzero=True)(image), dtype=np.float32)
@@ -329,7 +367,8 @@ def _normalise(image: np.ndarray) -> np.ndarray:
 
 def _preprocess_box(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
     """Validated subject -> the study's MNI box, through its registration (or identity for roi template)."""
-    image, affine, label = _load_checked(rec)
+    task = cfg.task_spec
+    image, affine, label = load_checked(rec, task)
     if roi_mode(rec, cfg) == "register":
         reg = register_subject(rec, image, affine)
     else:
@@ -338,29 +377,25 @@ def _preprocess_box(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
     size = tuple(cfg.input_size)
     img = registration.resample_box(image, affine, matrix, cfg.spacing_mm, size)
     if label is None:
-        lab, kept = np.zeros(size, dtype=np.uint8), (1.0, 1.0)
+        lab, kept = np.zeros(size, dtype=np.uint8), (1.0,) * len(task.foreground)
     else:
-        lab = registration.resample_box(label, affine, matrix, cfg.spacing_mm, size, label=True)
-        kept = tuple(registration.fraction_kept(label, affine, matrix, cfg.spacing_mm, size, v) for v in (1, 2))
+        lab = to_channels(registration.resample_box(label, affine, matrix, cfg.spacing_mm, size, label=True), task)
+        kept = tuple(registration.fraction_kept(label, affine, matrix, cfg.spacing_mm, size, v)
+                     for v in task.label_values[1:])
     if not img.any():
         raise StudyInputError(
             f"subject {rec.subject_id}: image {rec.image} does not cover the study's box (MNI x -32..32, y -4..60, "
             "z 0..64 mm); with roi template the image must be in MNI space, else use roi register"
         )
-    return Preprocessed(_normalise(img[None]), lab[None], matrix, reg.ncc, kept)  # type: ignore[arg-type]
-
-
-def _preprocess(rec: SubjectRecord, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Validated subject -> (image float32 (1,D,H,W) z-scored, label uint8 (1,D,H,W)) in the study box."""
-    out = preprocess_subject(rec, cfg)
-    return out.image, out.label
+    return Preprocessed(normalise(img[None]), lab[None], matrix, reg.ncc, kept)  # type: ignore[arg-type]
 
 
 def preprocess_subject(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
     """One subject preprocessed for its roi mode (see :class:`DataConfig`)."""
     if roi_mode(rec, cfg) != "none":
         return _preprocess_box(rec, cfg)
-    image, affine, label = _load_checked(rec)  # before importing MONAI: bad input fails fast
+    task = cfg.task_spec
+    image, affine, label = load_checked(rec, task)  # before importing MONAI: bad input fails fast
     from monai.data import MetaTensor
     from monai.transforms import Compose, Orientationd, ResizeWithPadOrCropd, Spacingd
 
@@ -378,9 +413,9 @@ def preprocess_subject(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
         ResizeWithPadOrCropd(keys=keys, spatial_size=cfg.input_size),
     ])
     out = transform(data)
-    img = _normalise(np.asarray(out["image"].numpy(), dtype=np.float32))
-    lab = np.rint(np.asarray(out["label"].numpy())).astype(np.uint8)
-    return Preprocessed(img, lab, np.eye(4), float("nan"), (1.0, 1.0))
+    img = normalise(np.asarray(out["image"].numpy(), dtype=np.float32))
+    lab = to_channels(np.asarray(out["label"].numpy()), task)
+    return Preprocessed(img, lab, np.eye(4), float("nan"), (1.0,) * len(task.foreground))
 
 
 def _cache_key(rec: SubjectRecord, cfg: DataConfig) -> str:
@@ -391,6 +426,9 @@ def _cache_key(rec: SubjectRecord, cfg: DataConfig) -> str:
                                 "roi": roi}
     if roi == "register":
         parts["registration"] = [registration.REGISTRATION_VERSION, registration.template_id()]
+    values = cfg.task_spec.label_values
+    if values != tuple(range(len(values))):  # labels stored as channel indices: the mapping is part of the key
+        parts["label_values"] = list(values)
     for name, path in (("image", rec.image), ("label", rec.label)):
         if path is not None:
             stat = path.stat()
@@ -442,14 +480,15 @@ class VolumeDataset(Dataset):
     """Preprocessed subjects held in memory.
 
     Items: ``image`` float32 (1,D,H,W), ``label`` int64 (1,D,H,W) (zeros if unlabelled),
-    ``cls`` float32 (2,) [left, right] PCS presence (zeros if unlabelled), ``subject_id`` str.
+    ``cls`` float32 (columns,) the class index of each task column (zeros if unlabelled), ``subject_id`` str.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, subject_ids: list[str],
-                 spacing_mm: float, labeled: bool, split: str) -> None:
+                 spacing_mm: float, labeled: bool, split: str, flips: bool = False) -> None:
         self.images, self.labels, self.cls = images, labels, cls
         self.subject_ids = list(subject_ids)
         self.spacing_mm, self.labeled, self.split = spacing_mm, labeled, split
+        self.flips = flips  # the task allows left-right flips as augmentation
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -460,10 +499,12 @@ class VolumeDataset(Dataset):
 
 
 def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
-    """The subjects of ``split``: checked, preprocessed (RAS, spacing_mm, input_size, z-score), cached on disk."""
+    """The subjects of ``split``: checked, preprocessed (RAS, spacing_mm, input_size, z-score), cached on disk;
+    ``cls`` holds each subject's class index per task column."""
     if split not in SPLITS:
         raise StudyInputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    records = read_manifest(cfg.manifest)
+    task = cfg.task_spec
+    records = read_manifest(cfg.manifest, task)
     chosen = [r for r in records if r.split == split]
     if split == "train" and cfg.train_fraction < 1.0:
         chosen = labelled_subset(chosen, cfg.train_fraction, cfg.subset_seed)
@@ -479,9 +520,10 @@ def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
     label_tensor = torch.from_numpy(np.stack(labels))
     if not labeled:
         label_tensor = torch.zeros_like(label_tensor)
-    cls = [[r.pcs_left, r.pcs_right] if labeled else [0, 0] for r in chosen]
-    return VolumeDataset(torch.from_numpy(np.stack(images)), label_tensor, torch.tensor(cls, dtype=torch.float32),
-                         [r.subject_id for r in chosen], cfg.spacing_mm, labeled, split)
+    cls = [list(r.targets) if labeled else [0] * len(task.columns) for r in chosen]
+    return VolumeDataset(torch.from_numpy(np.stack(images)), label_tensor,
+                         torch.tensor(cls, dtype=torch.float32).reshape(len(chosen), len(task.columns)),
+                         [r.subject_id for r in chosen], cfg.spacing_mm, labeled, split, task.flips)
 
 
 def labelled_count(total: int, fraction: float) -> int:
@@ -499,27 +541,39 @@ def labelled_subset(records: list[SubjectRecord], fraction: float, seed: int) ->
 
 
 class _Augmented(Dataset):
-    """Mild random intensity scale/shift and Gaussian noise (no flips: they would swap hemispheres)."""
+    """Mild random intensity scale/shift and Gaussian noise; left-right flips of image and label only when the
+    task allows them (the PCS task does not: a flip would swap the hemispheres)."""
 
     def __init__(self, base: VolumeDataset, seed: int) -> None:
-        from monai.transforms import Compose, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
+        from monai.transforms import (
+            Compose,
+            RandFlipd,
+            RandGaussianNoised,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
 
         self.base = base
-        self.transform = Compose([
+        steps = [
             RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
             RandGaussianNoised(keys="image", prob=0.5, std=0.05),
-        ]).set_random_state(seed=seed)
+        ]
+        if getattr(base, "flips", False):
+            steps.append(RandFlipd(keys=["image", "label"], spatial_axis=0, prob=0.5))
+        self.transform = Compose(steps).set_random_state(seed=seed)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict:
         item = dict(self.base[index])
-        image = self.transform({"image": item["image"]})["image"]
-        if hasattr(image, "as_tensor"):  # MetaTensor -> plain tensor, so batches collate like the base dataset
-            image = image.as_tensor()
-        item["image"] = image.to(torch.float32).contiguous()
+        out = self.transform({"image": item["image"], "label": item["label"]})
+        for key, dtype in (("image", torch.float32), ("label", torch.long)):
+            value = out[key]
+            if hasattr(value, "as_tensor"):  # MetaTensor -> plain tensor, so batches collate like the base dataset
+                value = value.as_tensor()
+            item[key] = value.to(dtype).contiguous()
         return item
 
 

@@ -12,7 +12,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import psutil
@@ -22,7 +22,8 @@ from torch import nn
 
 from trainables.backbones import MultiTaskNet, count_parameters
 from trainables.errors import StudyInputError
-from trainables.metrics import classification_metrics, per_case_rows, segmentation_metrics, selection_score
+from trainables.metrics import per_case_rows, task_metrics
+from trainables.task import TaskSpec, as_task
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,7 +42,7 @@ class TrainConfig:
         lr_heads: learning rate of the task heads and of anything a strategy adds outside the body.
         weight_decay: AdamW weight decay.
         seg_weight: weight of the Dice-focal segmentation loss.
-        cls_weight: weight of the presence cross-entropy.
+        cls_weight: weight of the classification cross-entropy (the mean over the task's targets).
         seed: seeds torch, numpy and Python's random.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         num_threads: torch CPU threads (0 = leave as is).
@@ -73,14 +74,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class EpochResult:
-    """One epoch's numbers, flat, ready for ``tune.report`` or MLflow."""
-
-    epoch: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -216,17 +209,32 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class MultiTaskLoss(nn.Module):
-    """Dice-focal (MONAI) on the segmentation + binary cross-entropy per hemisphere."""
+    """Dice-focal (MONAI) on the segmentation + cross-entropy per classification target: binary targets
+    with a sigmoid (one logit per region), K-class targets with a softmax; the mean over targets."""
 
-    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0) -> None:
+    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0, task: TaskSpec | None = None) -> None:
         super().__init__()
+        self.task = as_task(task)
         self.seg = DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True)
-        self.cls = nn.BCEWithLogitsLoss()
         self.seg_weight, self.cls_weight = seg_weight, cls_weight
+
+    def classification(self, logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the targets of flat logits ``(B, n_logits)`` and class indices ``(B, columns)``."""
+        if not self.task.targets:
+            return logits.new_zeros(())
+        per_target, truths = self.task.split_logits(logits), self.task.split_truth(truth)
+        losses = []
+        for t in self.task.targets:
+            x, y = per_target[t.name], truths[t.name]
+            if t.binary:
+                losses.append(nn.functional.binary_cross_entropy_with_logits(x[..., 0], y.float()))
+            else:
+                losses.append(nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), y.reshape(-1).long()))
+        return torch.stack(losses).mean()
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seg = self.seg(out["seg"], batch["label"])
-        cls = self.cls(out["cls"], batch["cls"])
+        cls = self.classification(out["cls"], batch["cls"])
         return {"loss": self.seg_weight * seg + self.cls_weight * cls, "seg_loss": seg, "cls_loss": cls}
 
 
@@ -301,27 +309,27 @@ def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> d
             "subject_id": ids}
 
 
-def _metrics(p: dict, spacing_mm: float) -> dict[str, float]:
-    metrics = segmentation_metrics(p["seg"], p["label"], spacing_mm)
-    metrics.update(classification_metrics(p["cls"], p["target"]))
-    loss = MultiTaskLoss()({"seg": p["seg"], "cls": p["cls"]}, {"label": p["label"], "cls": p["target"]})
+def _metrics(p: dict, spacing_mm: float, task: TaskSpec) -> dict[str, float]:
+    metrics = task_metrics(p["seg"], p["label"], p["cls"], p["target"], spacing_mm, task)
+    loss = MultiTaskLoss(task=task)({"seg": p["seg"], "cls": p["cls"]}, {"label": p["label"], "cls": p["target"]})
     metrics["loss"] = float(loss["loss"])
-    metrics["score"] = selection_score(metrics)
     return metrics
 
 
-def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float) -> dict[str, float]:
-    """Dice, HD95, accuracy, AUC, F1, sensitivity, specificity, loss and the selection score."""
-    return _metrics(predict(model, loader, device), spacing_mm)
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float,
+             task: TaskSpec | None = None) -> dict[str, float]:
+    """The task's metrics (:func:`trainables.metrics.task_metrics`), the loss and the selection score."""
+    return _metrics(predict(model, loader, device), spacing_mm, as_task(task))
 
 
-def evaluate_cases(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float
-                   ) -> tuple[dict[str, float], list[dict]]:
-    """:func:`evaluate`'s metrics and, from the same predictions, one row per (subject, hemisphere)
+def evaluate_cases(model: nn.Module, loader: Iterable[dict], device: torch.device, spacing_mm: float,
+                   task: TaskSpec | None = None) -> tuple[dict[str, float], list[dict]]:
+    """:func:`evaluate`'s metrics and, from the same predictions, one row per (subject, target, region)
     (:func:`trainables.metrics.per_case_rows`)."""
+    task = as_task(task)
     p = predict(model, loader, device)
-    rows = per_case_rows(p["subject_id"], p["seg"], p["label"], p["cls"], p["target"], spacing_mm)
-    return _metrics(p, spacing_mm), rows
+    rows = per_case_rows(p["subject_id"], p["seg"], p["label"], p["cls"], p["target"], spacing_mm, task)
+    return _metrics(p, spacing_mm, task), rows
 
 
 @dataclass
@@ -339,6 +347,7 @@ def fit(
     test_loader: Iterable[dict] | None = None,
     on_epoch: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
+    task: TaskSpec | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` for ``cfg.epochs`` epochs, validating after each.
 
@@ -348,8 +357,10 @@ def fit(
     to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
     continues after its epoch. After the last epoch the model is given the weights of its epoch with the
     best validation score (``best_epoch``; the last report's ``score`` is that epoch's), then the test split
-    (if given) is evaluated once: ``test_*`` metrics and ``test_cases``, one row per subject and hemisphere.
+    (if given) is evaluated once: ``test_*`` metrics and ``test_cases``, one row per subject, target and
+    region. ``task`` (default: the PCS task) defines the loss, the metrics and the score.
     """
+    task = as_task(task)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -357,7 +368,7 @@ def fit(
     model.to(device)
     memory = PeakMemory(device).reset()
     optimizer = make_optimizer(model, cfg)
-    loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight).to(device)
+    loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight, task).to(device)
     trainable, total = count_parameters(model)
     history: list[dict[str, float]] = []
     first_epoch, elapsed_before = 1, 0.0
@@ -385,7 +396,7 @@ def fit(
             row = train_epoch(model, train_loader, optimizer, loss_fn, device,
                               measure_memory=device.type == "cpu" and tensor_peak is None)
             tensor_peak = row.pop("tensor_peak_mb", tensor_peak)
-            val = evaluate(model, val_loader, device, spacing_mm)
+            val = evaluate(model, val_loader, device, spacing_mm, task)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["score"] = val["score"]
             if val["score"] > best["score"]:  # what training changes: trained parameters and buffers
@@ -410,7 +421,7 @@ def fit(
             if epoch == cfg.epochs:
                 row["best_epoch"] = best["epoch"]
             if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test results
-                test, cases = evaluate_cases(model, test_loader, device, spacing_mm)
+                test, cases = evaluate_cases(model, test_loader, device, spacing_mm, task)
                 row.update({f"test_{k}": v for k, v in test.items()})
                 row["test_cases"] = cases
             history.append(row)

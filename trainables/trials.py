@@ -138,15 +138,10 @@ def _remote_cached_pretrain(spec: PretrainTrial, loader, on_epoch) -> tuple[str,
     return shared.join(remote, "body.pt"), result
 
 
-def build_finetune_model(spec: FinetuneTrial) -> torch.nn.Module:
-    """Backbone -> pre-trained body (if any) -> strategy applied; the model a fine-tuning trial trains."""
-    return apply_strategy(initial_model(spec), spec)
-
-
 def initial_model(spec: FinetuneTrial) -> torch.nn.Module:
     """The seeded backbone with the pre-trained body loaded (if any), before the strategy is applied."""
     torch.manual_seed(spec.train.seed)
-    model = build_backbone(spec.backbone)
+    model = build_backbone(spec.backbone, spec.data.task_spec)
     if spec.pretrain_checkpoint:
         local = shared.find(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
         if local is None:
@@ -191,7 +186,7 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         report(metrics, state)
 
     result = fit(model, loaders["train"], loaders["val"], spec.train, spacing_mm=train.spacing_mm,
-                 test_loader=loaders["test"], on_epoch=on_epoch, resume=resume)
+                 test_loader=loaders["test"], on_epoch=on_epoch, resume=resume, task=spec.data.task_spec)
     return result.final
 
 

@@ -1,8 +1,13 @@
 """Fine-tuning strategies: one small module each, registered by name in ``STRATEGIES``.
 
 A strategy is a typed config (a dataclass with a help string per field, validated in
-``__post_init__``) and ``apply(model, cfg) -> model``: it sets ``requires_grad`` and/or inserts new
-modules, in place, and returns the model to train. The task heads always train.
+``__post_init__``), ``apply(model, cfg) -> model`` (it sets ``requires_grad`` and/or inserts new
+modules, in place, and returns the model to train; the task heads always train) and its Optuna search
+space, registered together in one call (as peft's ``register_peft_method`` registers config, model and
+prefix): ``@register_strategy(name, ConfigClass, space=fn)``. A space is a define-by-run function of an
+``optuna.Trial`` that only calls ``trial.suggest_*`` (prefixing parameter names with the strategy's name)
+and returns fields of the config; the training loop's own hyperparameters are
+``search_spaces.finetune.train_space``. A new strategy is one file and one registration.
 
 Importing this package registers every strategy (``basic``, ``peft_methods``, ``adapter``, ``prompt``,
 ``sidetune``, ``ssf``); ``storage`` saves and reloads what one task trained.
@@ -20,6 +25,7 @@ from torch import nn
 from trainables.backbones import BackboneConfig, MultiTaskNet, build_backbone
 from trainables.errors import StudyInputError
 from trainables.registry import Registry
+from trainables.task import TaskSpec
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Strategy:
     name: str
     config_cls: type
     apply: Callable[[nn.Module, Any], nn.Module]
+    space: Callable[[Any], dict]  # optuna.Trial -> config fields
 
     def make_config(self, params: dict | None = None) -> Any:
         """The typed config from a plain dict; unknown keys raise :class:`StudyInputError`."""
@@ -46,11 +53,17 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("fine-tuning strategy")
 
 
-def register_strategy(name: str, config_cls: type) -> Callable:
-    """Decorator for an ``apply(model, cfg)`` function: registers it with its config class."""
+def no_own_hyperparameters(trial: Any) -> dict:
+    """The space of a strategy with nothing of its own to search: only the training loop's hyperparameters."""
+    return {}
+
+
+def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] = no_own_hyperparameters
+                      ) -> Callable:
+    """Decorator for an ``apply(model, cfg)`` function: registers it with its config class and search space."""
 
     def deco(apply: Callable) -> Callable:
-        STRATEGIES.register(name)(Strategy(name, config_cls, apply))
+        STRATEGIES.register(name)(Strategy(name, config_cls, apply, space))
         return apply
 
     return deco
@@ -120,7 +133,8 @@ def replace_module(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] = (32, 32, 32)) -> None:
+def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] = (32, 32, 32),
+                     task: TaskSpec | None = None) -> None:
     """Raise :class:`StudyInputError` (with the reason) if strategy ``name`` cannot fine-tune ``backbone``.
 
     Builds the narrowest model of the backbone, applies the strategy with its default config and runs
@@ -129,7 +143,7 @@ def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] 
     trial runs.
     """
     strategy = STRATEGIES.get(name)
-    model = build_backbone(BackboneConfig(name=backbone, width=8))
+    model = build_backbone(BackboneConfig(name=backbone, width=8), task)
     try:
         model = strategy.apply(model, strategy.make_config())
         if not any(p.requires_grad for p in model.parameters()):

@@ -69,7 +69,14 @@ class AdaptedStage(nn.Module):
         return self.adapter(self.stage(x))
 
 
-@register_strategy("adapter", AdapterConfig)
+def adapter_space(trial) -> dict:
+    return {
+        "reduction": trial.suggest_categorical("adapter_reduction", [2, 4, 8, 16]),
+        "kernel_size": trial.suggest_categorical("adapter_kernel_size", [1, 3]),
+    }
+
+
+@register_strategy("adapter", AdapterConfig, space=adapter_space)
 def apply_adapter(model: MultiTaskNet, cfg: AdapterConfig) -> MultiTaskNet:
     """Wrap every encoder stage with an adapter; freeze the body; adapters and heads train."""
     freeze_all(model)

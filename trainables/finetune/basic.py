@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from trainables.backbones import HemisphereHead, MultiTaskNet
+from trainables.backbones import BACKBONES, MultiTaskNet, backbone_info
 from trainables.errors import StudyInputError
 from trainables.finetune import check_int, freeze_all, register_strategy, set_trainable, train_heads
 
@@ -77,7 +77,18 @@ def _train_last(model: MultiTaskNet, modules: list[nn.Module], k: int, field_nam
     return model
 
 
-@register_strategy("top", TopConfig)
+def most_blocks_shared(attribute: str) -> int:
+    """The smallest ``BackboneInfo.<attribute>`` over the registered backbones: what every backbone has."""
+    return min(getattr(backbone_info(name), attribute) for name in BACKBONES.names())
+
+
+def top_space(trial) -> dict:
+    """Up to one block fewer than the shallowest registered backbone has (SegResNet's 7: 1-6), so no value
+    is impossible on any backbone."""
+    return {"trainable_blocks": trial.suggest_int("top_trainable_blocks", 1, most_blocks_shared("blocks") - 1)}
+
+
+@register_strategy("top", TopConfig, space=top_space)
 def apply_top(model: MultiTaskNet, cfg: TopConfig) -> MultiTaskNet:
     """Freeze the first ``len(blocks) - trainable_blocks`` blocks; the rest and the heads train."""
     return _train_last(model, [m for _, m in model.blocks()], cfg.trainable_blocks,
@@ -96,7 +107,12 @@ class PartialConfig:
         check_int("partial.trainable_stages", self.trainable_stages, 1)
 
 
-@register_strategy("partial", PartialConfig)
+def partial_space(trial) -> dict:
+    """Up to one stage fewer than the registered backbone with the fewest encoder stages (SegResNet's 4: 1-3)."""
+    return {"trainable_stages": trial.suggest_int("partial_trainable_stages", 1, most_blocks_shared("encoder_stages") - 1)}
+
+
+@register_strategy("partial", PartialConfig, space=partial_space)
 def apply_partial(model: MultiTaskNet, cfg: PartialConfig) -> MultiTaskNet:
     """Freeze the body except the last ``trainable_stages`` encoder stages; the heads train."""
     return _train_last(model, list(model.encoder), cfg.trainable_stages, "partial.trainable_stages",
@@ -117,13 +133,17 @@ class MlpConfig:
         check_int("mlp.hidden_width", self.hidden_width, 4)
 
 
-@register_strategy("mlp", MlpConfig)
+def mlp_space(trial) -> dict:
+    return {
+        "hidden_layers": trial.suggest_int("mlp_hidden_layers", 1, 3),
+        "hidden_width": trial.suggest_categorical("mlp_hidden_width", [32, 64, 128]),
+    }
+
+
+@register_strategy("mlp", MlpConfig, space=mlp_space)
 def apply_mlp(model: MultiTaskNet, cfg: MlpConfig) -> MultiTaskNet:
     """Replace ``cls_head`` by a ``hidden_layers``-layer MLP head; body frozen, both heads train."""
-    channels = model.stage_channels[model.cls_stage]
-    model.cls_head = HemisphereHead(
-        channels, hidden_layers=cfg.hidden_layers, hidden=cfg.hidden_width, dropout=model.config.dropout
-    )
+    model.rebuild_cls_head(hidden_layers=cfg.hidden_layers, hidden=cfg.hidden_width)
     freeze_all(model)
     train_heads(model)
     return model

@@ -76,7 +76,16 @@ class LoraStrategyConfig:
         check_choice("lora.targets", self.targets, TARGET_SETS)
 
 
-@register_strategy("lora", LoraStrategyConfig)
+def lora_space(trial) -> dict:
+    return {
+        "rank": trial.suggest_categorical("lora_rank", [2, 4, 8, 16, 32]),
+        "alpha": trial.suggest_categorical("lora_alpha", [4.0, 8.0, 16.0, 32.0]),
+        "dropout": trial.suggest_float("lora_dropout", 0.0, 0.2),
+        "targets": trial.suggest_categorical("lora_targets", list(TARGET_SETS)),
+    }
+
+
+@register_strategy("lora", LoraStrategyConfig, space=lora_space)
 def apply_lora(model: MultiTaskNet, cfg: LoraStrategyConfig) -> MultiTaskNet:
     """Inject LoRA into the selected body layers; only LoRA matrices and the heads train."""
     from peft import LoraConfig
@@ -132,7 +141,11 @@ def feedforward_names(model: MultiTaskNet, names: list[str]) -> list[str]:
     ]
 
 
-@register_strategy("ia3", IA3StrategyConfig)
+def ia3_space(trial) -> dict:
+    return {"targets": trial.suggest_categorical("ia3_targets", list(TARGET_SETS))}
+
+
+@register_strategy("ia3", IA3StrategyConfig, space=ia3_space)
 def apply_ia3(model: MultiTaskNet, cfg: IA3StrategyConfig) -> MultiTaskNet:
     """Inject (IA)^3 vectors into the selected body layers; only they and the heads train."""
     from peft import IA3Config

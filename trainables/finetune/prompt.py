@@ -63,7 +63,15 @@ class PromptedStage(nn.Module):
         return self.stage(self.prompt(x)) if self.before else self.prompt(self.stage(x))
 
 
-@register_strategy("prompt_shallow", PromptConfig)
+def prompt_shallow_space(trial) -> dict:
+    return {"prompt_size": trial.suggest_categorical("prompt_shallow_size", [2, 4, 8, 16])}
+
+
+def prompt_deep_space(trial) -> dict:
+    return {"prompt_size": trial.suggest_categorical("prompt_deep_size", [1, 2, 4, 8])}
+
+
+@register_strategy("prompt_shallow", PromptConfig, space=prompt_shallow_space)
 def apply_prompt_shallow(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet:
     """Add a learnable prompt to the input image; body frozen; prompt and heads train."""
     freeze_all(model)
@@ -73,7 +81,7 @@ def apply_prompt_shallow(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet
     return model
 
 
-@register_strategy("prompt_deep", PromptConfig)
+@register_strategy("prompt_deep", PromptConfig, space=prompt_deep_space)
 def apply_prompt_deep(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet:
     """Add a learnable prompt to every encoder stage's output; body frozen; prompts and heads train."""
     freeze_all(model)

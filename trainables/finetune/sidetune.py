@@ -87,7 +87,15 @@ def encode_with_side(self: MultiTaskNet, x: torch.Tensor) -> list[torch.Tensor]:
     return self.side.blend(x, type(self).encode(self, x))
 
 
-@register_strategy("sidetune", SideTuneConfig)
+def sidetune_space(trial) -> dict:
+    return {
+        "side_width": trial.suggest_categorical("sidetune_side_width", [8, 16, 32]),
+        "side_depth": trial.suggest_int("sidetune_side_depth", 2, 4),
+        "alpha_init": trial.suggest_float("sidetune_alpha_init", 0.5, 0.95),
+    }
+
+
+@register_strategy("sidetune", SideTuneConfig, space=sidetune_space)
 def apply_sidetune(model: MultiTaskNet, cfg: SideTuneConfig) -> MultiTaskNet:
     """Freeze the body; add a side network blended at the classification input and the bottleneck."""
     freeze_all(model)

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from trainables.atomic import atomic_write
-from trainables.backbones import BackboneConfig, MultiTaskNet, build_backbone
+from trainables.backbones import BackboneConfig, MultiTaskNet, build_backbone, task_of
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES, TaskModule
+from trainables.task import as_task
 
 FORMAT_VERSION = 1
 
@@ -55,6 +56,7 @@ def save_finetuned(
     strategy: str,
     strategy_cfg: dict,
     pretrain_ref: str | None,
+    task: dict | None = None,
 ) -> None:
     """Write the trained part of ``model`` and what is needed to rebuild it, atomically (temp file + rename).
 
@@ -65,6 +67,7 @@ def save_finetuned(
         strategy: registered strategy name.
         strategy_cfg: the strategy config as a dict (``dataclasses.asdict``).
         pretrain_ref: the pre-training checkpoint the body came from; ``None`` stores the full state.
+        task: the task spec's dict form (``TaskSpec.to_dict()``); default: the model's own task.
     """
     if is_dataclass(strategy_cfg):
         strategy_cfg = asdict(strategy_cfg)
@@ -76,6 +79,7 @@ def save_finetuned(
         "strategy": strategy,
         "strategy_cfg": dict(strategy_cfg),
         "pretrain_ref": pretrain_ref,
+        "task": task if task is not None else task_of(model).to_dict(),
         "trained": trainable_state_dict(model),
         "full_state": None
         if pretrain_ref is not None
@@ -103,7 +107,7 @@ def load_finetuned(path: str | os.PathLike, body_state: dict[str, Tensor] | None
         raise StudyInputError(f"cannot read fine-tuned model {str(path)!r}: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise StudyInputError(f"{str(path)!r} is not a fine-tuned model file (format {FORMAT_VERSION})")
-    model = build_backbone(BackboneConfig(**payload["backbone"]))
+    model = build_backbone(BackboneConfig(**payload["backbone"]), as_task(payload.get("task")))  # no task: PCS
     full_state = payload["full_state"]
     if full_state is None:
         if body_state is None:
