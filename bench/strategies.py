@@ -22,9 +22,11 @@ from trainables.engine import (
     make_optimizer,
     resolve_device,
     step_tensor_peak_mb,
+    synthetic_batch,
 )
 from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import task_storage_bytes
+from trainables.task import default_task
 
 
 def measure(strategy: str, backbone: str, size: int, width: int, batch: int, steps: int, warmup: int = 2,
@@ -33,15 +35,14 @@ def measure(strategy: str, backbone: str, size: int, width: int, batch: int, ste
     on after warm-up, so that processes sharing a device time their steps together."""
     device = resolve_device(device)
     torch.manual_seed(0)
-    model = build_backbone(BackboneConfig(backbone, width=width))
+    model_task = default_task()
+    model = build_backbone(BackboneConfig(backbone, width=width), model_task)
     spec = STRATEGIES.get(strategy)
     model = spec.apply(model, spec.make_config({})).to(device)
     opt = make_optimizer(model, TrainConfig())
-    loss_fn = MultiTaskLoss()
-    x = torch.randn(batch, 1, size, size, size, device=device)
-    label = torch.zeros(batch, 1, size, size, size, dtype=torch.long, device=device)
-    label[:, :, : size // 2, : size // 4, : size // 4] = 1
-    b = {"image": x, "label": label, "cls": torch.ones(batch, 2, device=device)}
+    loss_fn = MultiTaskLoss(task=model_task)
+    b = synthetic_batch(model_task, batch, (size, size, size), device)
+    x = b["image"]
     memory = PeakMemory(device).reset()
 
     def step() -> None:

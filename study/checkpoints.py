@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from study.grid import StudyPlan
+from study.grid import StudyPlan, pretrain_id
 from trainables import shared
 from trainables.atomic import atomic_write
 from trainables.backbones import BackboneConfig, build_backbone
@@ -44,7 +44,7 @@ def prepare_external(plan: StudyPlan, pretrain_cache: str, min_fraction: float =
         meta = {"name": name, "file": str(file), "sha256": digest, "backbone": cfg.to_dict(),
                 "report": report.to_dict()}
         path = _write(pretrain_cache, key, body, meta)
-        out[f"{name}__{backbone}"] = {"path": path, "name": name, "file": str(file), "sha256": digest,
+        out[pretrain_id(name, backbone)] = {"path": path, "name": name, "file": str(file), "sha256": digest,
                                       "loaded_fraction": report.loaded_fraction,
                                       "encoder_loaded_fraction": report.encoder_loaded_fraction,
                                       "report": report.to_dict()}

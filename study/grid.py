@@ -45,11 +45,23 @@ class Cell:
 
     @property
     def pretrain_key(self) -> tuple[str, str]:
+        """(method, backbone): the pre-training job this cell fine-tunes from."""
         return (self.pretrain, self.backbone)
+
+    @property
+    def pretrain_id(self) -> str:
+        """The pre-training job's id (:func:`pretrain_id`)."""
+        return pretrain_id(self.pretrain, self.backbone)
 
     def to_dict(self) -> dict:
         return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone,
                 "fraction": self.fraction}
+
+
+def pretrain_id(method: str, backbone: str) -> str:
+    """``method__backbone``: a pre-training job's id (its trials' cell id, the searcher's checkpoint key, an
+    external checkpoint's key)."""
+    return f"{method}__{backbone}"
 
 
 def cell_id(pretrain: str, strategy: str, backbone: str, fraction: float = 1.0) -> str:

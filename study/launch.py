@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from study.grid import GRIDS, Cell, StudyPlan, labelled_count, select_plan
+from study.grid import GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
 from study.racing import FINAL as RACE_FINAL
 from study.racing import RACE_FILE, read_race
 from trainables import shared as shared_storage
@@ -47,42 +47,51 @@ class TrialFactory:
         return {"name": name, "width": self.plan.backbone_width(name)}
 
     def pretrain(self, method: str, backbone: str) -> dict:
-        return {
-            "stage": "pretrain",
-            "cell": {"pretrain": method, "backbone": backbone, "id": f"{method}__{backbone}"},
-            "backbone": self.backbone(backbone),
-            "pretrain": {"method": method, "epochs": self.plan.pretrain_epochs, "batch_size": self.plan.batch_size,
-                         "seed": self.plan.seed, **self.plan.pretrain_settings(method)},
-            "data": self.data,
-            "data_id": self.data_id,
-            "cache_dir": self.pretrain_cache,
-        }
+        """A pre-training trial's config (:class:`trainables.trials.PretrainTrial`, as a plain dict)."""
+        from trainables.backbones import BackboneConfig
+        from trainables.pretrain.loop import PretrainConfig
+        from trainables.trials import CellRef, PretrainTrial, _data_config
+
+        return PretrainTrial(
+            backbone=BackboneConfig(**self.backbone(backbone)),
+            pretrain=PretrainConfig(method=method, epochs=self.plan.pretrain_epochs, batch_size=self.plan.batch_size,
+                                    seed=self.plan.seed, **self.plan.pretrain_settings(method)),
+            data=_data_config(self.data),
+            cache_dir=self.pretrain_cache,
+            data_id=self.data_id,
+            cell=CellRef(pretrain_id(method, backbone), method, backbone),
+        ).to_dict()
 
     def finetune(self, cell: Cell, checkpoint: str | None, train: dict, params: dict, seed: int,
                  phase: str = "search") -> dict:
-        return {
-            "stage": "finetune",
-            "phase": phase,
-            "cell": {**cell.to_dict(), "id": cell.id},
-            "backbone": self.backbone(cell.backbone),
-            "strategy": cell.strategy,
-            "strategy_params": params,
-            "train": {**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size, "seed": seed},
-            "data": {**self.data, "train_fraction": cell.fraction, "subset_seed": self.plan.seed},
-            "labelled_subjects": labelled_count(self.train_subjects, cell.fraction) if self.train_subjects else None,
-            "pretrain_checkpoint": checkpoint or None,
-            "output_dir": shared_storage.join(self.output, "models", f"{cell.id}__{seed}"),
-            "checkpoint_every_s": self.checkpoint_every_s,
-            **self._external(cell),
-        }
+        """A fine-tuning trial's config (:class:`trainables.trials.FinetuneTrial`, as a plain dict)."""
+        from trainables.backbones import BackboneConfig
+        from trainables.engine import TrainConfig
+        from trainables.trials import CellRef, FinetuneTrial, _data_config
 
-    def _external(self, cell: Cell) -> dict:
+        return FinetuneTrial(
+            backbone=BackboneConfig(**self.backbone(cell.backbone)),
+            strategy=cell.strategy,
+            strategy_params=params,
+            train=TrainConfig(**{**train, "epochs": self.plan.finetune_epochs, "batch_size": self.plan.batch_size,
+                                 "seed": seed}),
+            data=_data_config({**self.data, "train_fraction": cell.fraction, "subset_seed": self.plan.seed}),
+            pretrain_checkpoint=checkpoint or None,
+            output_dir=shared_storage.join(self.output, "models", f"{cell.id}__{seed}"),
+            cell=CellRef(cell.id, cell.pretrain, cell.backbone, cell.strategy, cell.fraction),
+            phase=phase,
+            labelled_subjects=labelled_count(self.train_subjects, cell.fraction) if self.train_subjects else None,
+            checkpoint_every_s=self.checkpoint_every_s,
+            pretrained=self._external(cell),
+        ).to_dict()
+
+    def _external(self, cell: Cell) -> dict | None:
         """An external checkpoint's identity for the run's params and tags (none for other cells)."""
-        found = self.external.get(f"{cell.pretrain}__{cell.backbone}")
+        found = self.external.get(cell.pretrain_id)
         if not found:
-            return {}
+            return None
         keys = ("name", "file", "sha256", "loaded_fraction", "encoder_loaded_fraction")
-        return {"pretrained": {k: found[k] for k in keys}}
+        return {k: found[k] for k in keys}
 
 
 def _comma(value: str | None) -> list[str] | None:
@@ -491,7 +500,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
                                pretrain_cache=pretrain_cache, checkpoint_every_s=args.checkpoint_every_s,
                                external=external, train_subjects=train_subjects)
-        shares = {} if args.gpus_per_trial is not None else measure_shares(plan)
+        shares = {} if args.gpus_per_trial is not None else measure_shares(plan, task.to_dict())
         if shares:
             log.info("GPU share per trial from measured memory: " + ", ".join(f"{k}={v:g}" for k, v in shares.items()))
         trainable = tune.with_resources(
@@ -562,14 +571,14 @@ class StudyInterrupted(Exception):
 def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
     """Trials the finished study has: the plan's, less the cells whose pre-training failed, plus the
     race's repeats."""
-    configs = [(r, r.config or {}) for r in results]
-    failed = {(c["cell"]["pretrain"], c["cell"]["backbone"]) for r, c in configs
-              if r.error and c.get("stage") == "pretrain"}
-    skipped = sum(plan.samples(c) + plan.seeds for c in plan.cells if c.pretrain_key in failed)
+    from trainables.trials import parse_trial
+
+    specs = [(r, parse_trial(r.config)) for r in results if r.config]
+    failed = {s.cell.id for r, s in specs if r.error and s.stage == "pretrain"}
+    skipped = sum(plan.samples(c) + plan.seeds for c in plan.cells if c.pretrain_id in failed)
     if plan.seeds:  # a cell none of whose search trials finished has no best configuration to re-run
-        ok = {c["cell"]["id"] for r, c in configs if not r.error and c.get("phase") == "search"
-              and (r.metrics or {}).get("epoch", 0) >= plan.finetune_epochs}
-        skipped += sum(plan.seeds for c in plan.cells if c.pretrain_key not in failed and c.id not in ok)
+        ok = {s.cell.id for r, s in specs if not r.error and s.phase == "search" and s.ran_all_epochs(r.metrics or {})}
+        skipped += sum(plan.seeds for c in plan.cells if c.pretrain_id not in failed and c.id not in ok)
     return plan.total_trials() - skipped + int((race or {}).get("trials_used", 0))
 
 

@@ -177,7 +177,9 @@ class ProgressCallback(Callback):
             _screen["console"] = console
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        if trial.config.get("phase") == "race":  # a race's repeats are not known in advance
+        from trainables.trials import parse_trial
+
+        if parse_trial(trial.config).phase == "race":  # a race's repeats are not known in advance
             if trial.trial_id not in self.race_running:
                 self.race_running.add(trial.trial_id)
                 self.total += 1
@@ -186,9 +188,9 @@ class ProgressCallback(Callback):
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        planned = trial.config.get("train", {}).get("epochs")
-        stopped = trial.config.get("stage") == "finetune" and planned and last.get("epoch", planned) < planned
+        from trainables.trials import parse_trial
+
+        stopped = not parse_trial(trial.config).ran_all_epochs(trial.last_result or {})
         self._end(trial, "stopped" if stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -203,13 +205,18 @@ class ProgressCallback(Callback):
 
     @staticmethod
     def _cell(trial) -> str:
-        return trial.config.get("cell", {}).get("id", "?")
+        from trainables.trials import parse_trial
+
+        return parse_trial(trial.config).cell.id or "?"
 
     def _end(self, trial, outcome: str) -> None:
+        from trainables.trials import parse_trial
+
         cell = self._cell(trial)
         self.running.pop(trial.trial_id, None)
         self.counts[outcome] += 1
-        if trial.config.get("phase") == "race":
+        spec = parse_trial(trial.config)
+        if spec.phase == "race":
             self.race_running.discard(trial.trial_id)
             self.race_ended += 1
         elif cell in self.cell_trials:
@@ -220,7 +227,7 @@ class ProgressCallback(Callback):
         if score is not None and score > self.best:
             self.best, self.best_cell = score, cell
         score_txt = f" score {score:.3f}" if score is not None else ""
-        line = (f"[{self.ended()}/{self.total}] {trial.config.get('stage', '?')} {cell} {trial.trial_id}: "
+        line = (f"[{self.ended()}/{self.total}] {spec.stage} {cell} {trial.trial_id}: "
                 f"{outcome}{score_txt}; best {f'{self.best:.3f}' if self.best_cell else '–'}; "
                 f"elapsed {duration(time.time() - self.start)}, eta {duration(self.eta_s())}")
         if self._live is not None:

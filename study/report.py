@@ -30,12 +30,12 @@ from trainables import shared
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 from trainables.metric_names import FINAL_METRICS
+from trainables.phases import REPEAT_PHASES, best_run_per_cell
 from trainables.task import TaskSpec, as_task
 
 COLUMNS = {k: (m.heading, m.fmt) for k, m in FINAL_METRICS.items()}  # MLflow metric -> (heading, format)
 MIN_IMPORTANCE_TRIALS = 3
 _SAME_CONFIG_IGNORES = {"train.seed", "output_dir", "phase", "race_round"}
-REPEAT_PHASES = ("seeds", "race")  # re-runs of a cell's best configuration
 
 
 @dataclass
@@ -176,9 +176,8 @@ def load_study(folder: str | Path) -> Study:
         kind = {"seeds": f"seed re-runs {outcome}", "race": f"race repeats {outcome}"}.get(tags.get("phase", ""),
                                                                                             outcome)
         cell.counts[kind] = cell.counts.get(kind, 0) + 1
-        if tags.get("phase", "search") not in REPEAT_PHASES and outcome == "completed" and "score" in run.data.metrics:
-            if cell.best is None or run.data.metrics["score"] > cell.best.data.metrics["score"]:
-                cell.best = run
+    for cid, run in best_run_per_cell(runs).items():
+        cells[cid].best = run
     for run in sorted(runs, key=lambda r: int(r.data.tags.get("race_round") or 0)):  # repeats of each best configuration
         tags = run.data.tags
         cell = cells.get(tags.get("cell", ""))

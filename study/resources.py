@@ -29,8 +29,9 @@ def gpu_share(peak_mb: float, gpu_mb: float, headroom: float = HEADROOM, step: f
     return min(1.0, max(step, math.ceil(need / step) * step))
 
 
-def measure_shares(plan: StudyPlan) -> dict[str, float]:
-    """Probe every (strategy, backbone) on one GPU of the cluster; ``key -> GPU share``.
+def measure_shares(plan: StudyPlan, task: dict | None = None) -> dict[str, float]:
+    """Probe every (strategy, backbone) on one GPU of the cluster with the study's ``task`` (its dict form);
+    ``key -> GPU share``.
 
     Keys: ``finetune:<strategy>:<backbone>`` and ``pretrain:<backbone>``. Empty without GPUs.
     """
@@ -45,7 +46,7 @@ def measure_shares(plan: StudyPlan) -> dict[str, float]:
 
         from trainables.probe import probe_step_memory
 
-        peak = probe_step_memory(strategy, backbone, tuple(plan.input_size), plan.batch_size)
+        peak = probe_step_memory(strategy, backbone, tuple(plan.input_size), plan.batch_size, task=task)
         return peak, torch.cuda.get_device_properties(0).total_memory / 2**20
 
     pairs = list(dict.fromkeys((c.strategy, c.backbone) for c in plan.cells))
@@ -63,14 +64,16 @@ def measure_shares(plan: StudyPlan) -> dict[str, float]:
 
 def trial_resources(cpus: float, gpus: float | None, shares: dict[str, float], custom: dict[str, float]):
     """Tune's per-trial resource function: a fixed GPU share, or the measured one of the trial's cell."""
+    from trainables.trials import parse_trial
+
 
     def per_trial(config: dict) -> dict:
-        stage = config.get("stage")
-        backbone = config.get("backbone", {}).get("name", "")
+        spec = parse_trial(config)
+        stage, backbone = spec.stage, spec.backbone.name
         if gpus is not None:
             gpu = gpus
         elif stage == "finetune":
-            gpu = shares.get(f"finetune:{config.get('strategy')}:{backbone}", 0.0)
+            gpu = shares.get(f"finetune:{spec.strategy}:{backbone}", 0.0)
         else:
             gpu = shares.get(f"pretrain:{backbone}", 0.0)
         extra = custom if stage == "finetune" else {}

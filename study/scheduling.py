@@ -34,10 +34,12 @@ class PerCellASHA(FIFOScheduler):
         self.stopped: set[str] = set()
 
     def _asha(self, trial) -> AsyncHyperBandScheduler | None:
-        cfg = trial.config
-        if cfg.get("stage") != "finetune" or cfg.get("phase") in ("seeds", "race"):  # repeats always finish
+        from trainables.trials import parse_trial
+
+        spec = parse_trial(trial.config)
+        if spec.stage != "finetune" or spec.is_repeat:  # repeats always finish
             return None
-        cell = cfg.get("cell", {}).get("id", "")
+        cell = spec.cell.id
         if cell not in self.cells:
             self.cells[cell] = AsyncHyperBandScheduler(**self.kwargs)
         return self.cells[cell]

@@ -19,7 +19,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
-from study.grid import Cell, StudyPlan
+from study.grid import Cell, StudyPlan, pretrain_id
 from study.racing import Race
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
@@ -127,20 +127,16 @@ class StudySearcher(Searcher):
         self.output, self.storage_url, self.study_name = output, storage_url, study_name
         self._storage: optuna.storages.BaseStorage | str | None = None
         self.cells = {c.id: c for c in plan.cells}
-        jobs = [self.job_key(*k) for k in plan.pretrain_jobs()]
+        jobs = [pretrain_id(*k) for k in plan.pretrain_jobs()]
         self.state = _State(pretrain_pending=jobs)
         if plan.racing:
             self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed)
         self.race_file = race_file
         for cell in plan.cells:  # no pre-training job (random initialisation, an external checkpoint): ready now
-            key = self.job_key(*cell.pretrain_key)
+            key = cell.pretrain_id
             if key not in jobs:
                 self.state.checkpoints[key] = (external or {}).get(key, "")
         self._studies: dict[str, optuna.Study] = {}
-
-    @staticmethod
-    def job_key(method: str, backbone: str) -> str:
-        return f"{method}__{backbone}"
 
     def study(self, cell_id: str) -> optuna.Study:
         if self._storage is None:
@@ -169,7 +165,7 @@ class StudySearcher(Searcher):
         ids = list(self.cells)
         for i in range(len(ids)):  # round robin over ready cells
             cell = self.cells[ids[(st.cursor + i) % len(ids)]]
-            key = self.job_key(*cell.pretrain_key)
+            key = cell.pretrain_id
             if key not in st.checkpoints:
                 continue
             config = self._suggest_search(trial_id, cell, key) or self._suggest_rerun(trial_id, cell, key)
@@ -218,7 +214,7 @@ class StudySearcher(Searcher):
         if st.pretrain_pending or st.pretrain_running:
             return False
         return all(st.completed.get(c.id, 0) >= self.plan.samples(c) for c in self.cells.values()
-                   if self.job_key(*c.pretrain_key) not in st.pretrain_failed)
+                   if c.pretrain_id not in st.pretrain_failed)
 
     def _suggest_race(self, trial_id: str) -> dict | None:
         """Once the search has ended: the race's next repeat (a cell's best configuration, the round's seed)."""
@@ -230,7 +226,7 @@ class StudySearcher(Searcher):
             if not self._search_done():
                 return None
             race.start({c.id: st.best_rows.get(c.id) for c in self.cells.values()
-                        if self.job_key(*c.pretrain_key) not in st.pretrain_failed})
+                        if c.pretrain_id not in st.pretrain_failed})
             self._write_race()
         cell_id = race.suggest()
         if cell_id is None:
@@ -239,7 +235,7 @@ class StudySearcher(Searcher):
         _, train, params = st.best[cell_id]
         st.live[trial_id] = _Live("race", cell_id, race.round)
         seed = self.plan.seed * 100003 + 70000 + race.round  # one seed per round: repeats are paired by seed
-        config = self.make_finetune(cell, st.checkpoints[self.job_key(*cell.pretrain_key)] or None, train, params,
+        config = self.make_finetune(cell, st.checkpoints[cell.pretrain_id] or None, train, params,
                                     seed, "race")
         return {**config, "race_round": race.round}
 
@@ -257,7 +253,7 @@ class StudySearcher(Searcher):
         if st.pretrain_pending or st.pretrain_running or st.live:
             return False
         for cell in self.cells.values():
-            key = self.job_key(*cell.pretrain_key)
+            key = cell.pretrain_id
             if key in st.pretrain_failed:
                 continue
             if st.suggested.get(cell.id, 0) < self.plan.samples(cell):

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from rich.console import Console
 from rich.table import Table
 
 from study.grid import StudyPlan
 from study.tracking import StudyTracker, open_ui_command
 from trainables.metric_names import FINAL_METRICS
+from trainables.phases import best_run_per_cell
 
 COLUMNS = ("score", *(k for k in FINAL_METRICS if k != "task_storage_bytes"))
 
 
-def best_runs_per_cell(tracker: StudyTracker) -> dict[str, object]:
-    """cell id -> the finished fine-tuning run with the highest final validation score."""
-    best: dict[str, object] = {}
-    counts: dict[str, int] = defaultdict(int)
-    for run in tracker.child_runs():
-        tags = run.data.tags
-        if (tags.get("stage") != "finetune" or run.info.status != "FINISHED" or tags.get("phase") in ("seeds", "race")
-                or tags.get("outcome") != "completed"):
-            continue
-        cell = tags.get("cell") or f"{tags.get('pretrain')}__{tags.get('strategy')}__{tags.get('backbone')}"
-        counts[cell] += 1
-        score = run.data.metrics.get("score", float("-inf"))
-        if cell not in best or score > best[cell].data.metrics.get("score", float("-inf")):
-            best[cell] = run
-    return best
-
-
 def print_summary(results, plan: StudyPlan, tracker: StudyTracker, console: Console | None = None) -> None:
     console = console or Console(width=max(160, Console().width))
-    best = best_runs_per_cell(tracker)
+    best = best_run_per_cell(tracker.child_runs())
     table = Table(title=f"Best trial per cell ({len(best)}/{len(plan.cells)} cells)")
     fractions = bool(plan.label_fractions)  # a label-fraction study: which share of the labels each cell used
     for col in ("pretrain", "strategy", "backbone", *(["fraction"] if fractions else []), *COLUMNS):

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -26,6 +27,7 @@ from ray.tune import Callback
 
 from study.provenance import code_version
 from trainables import metric_names
+from trainables.trials import parse_trial
 
 log = logging.getLogger("study")
 # MLflow prints a full traceback for every failed SQL statement; the retries and the queue below say it in a line
@@ -260,21 +262,24 @@ class MLflowTrialCallback(Callback):
             history = self.client.get_metric_history(run_id, "epoch")
             self.logged[trial.trial_id] = max((int(m.step) for m in history), default=0)
         else:
+            from trainables.trials import parse_trial
+
             cfg = trial.config
-            cell = cfg.get("cell", {})
+            spec = parse_trial(cfg)
+            cell = {k: v for k, v in asdict(spec.cell).items() if v != ""}
             tags = {
                 "mlflow.parentRunId": self.tracker.parent_run_id,
                 "trial_id": trial.trial_id,
                 # Tune's running number of the trial (the prefix of its folder name): the order of suggestion
                 "trial_number": str(getattr(trial, "experiment_tag", "") or "").split("_")[0],
-                "stage": cfg.get("stage", ""),
-                "phase": cfg.get("phase", ""),
-                **({"race_round": str(cfg["race_round"])} if "race_round" in cfg else {}),
+                "stage": spec.stage,
+                "phase": spec.phase,
+                **({"race_round": str(spec.race_round)} if getattr(spec, "race_round", None) is not None else {}),
                 **{("cell" if k == "id" else k): str(v) for k, v in cell.items()},
                 **self.study_tags,
             }
-            name = f"{cfg.get('stage', 'trial')}-{cell.get('id', trial.trial_id)}-{trial.trial_id}"
-            external = cfg.get("pretrained") or {}
+            name = f"{spec.stage}-{spec.cell.id or trial.trial_id}-{trial.trial_id}"
+            external = getattr(spec, "pretrained", None) or {}
             if external:  # an external checkpoint: which file (its sha256) and how much of it loaded
                 tags["pretrained_sha256"] = str(external.get("sha256", ""))
             run_id = self.client.create_run(self.tracker.experiment_id, run_name=name, tags=tags).info.run_id
@@ -315,9 +320,8 @@ class MLflowTrialCallback(Callback):
         self._submit(f"epoch {step} of trial {trial.trial_id}", op)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        planned = trial.config.get("train", {}).get("epochs") or trial.config.get("pretrain", {}).get("epochs")
-        early = trial.config.get("stage") == "finetune" and planned and last.get("epoch", planned) < planned
+
+        early = not parse_trial(trial.config).ran_all_epochs(trial.last_result or {})
         self._submit(f"the end of trial {trial.trial_id}",
                      lambda: self._end(trial, "FINISHED", {"outcome": "stopped_early" if early else "completed"}))
 

@@ -238,6 +238,18 @@ class MultiTaskLoss(nn.Module):
         return {"loss": self.seg_weight * seg + self.cls_weight * cls, "seg_loss": seg, "cls_loss": cls}
 
 
+def synthetic_batch(task: TaskSpec, batch_size: int, input_size: tuple[int, int, int], device: torch.device | str
+                    ) -> dict[str, torch.Tensor]:
+    """Random images with a label block of the first foreground class and the last class of every target: what
+    a probe or a benchmark steps on (shapes and dtypes of a real batch of ``task``)."""
+    x = torch.randn(batch_size, 1, *input_size, device=device)
+    label = torch.zeros(batch_size, 1, *input_size, dtype=torch.long, device=device)
+    label[:, :, : input_size[0] // 2, : input_size[1] // 4, : input_size[2] // 4] = 1
+    classes = [len(t.classes) - 1 for t in task.targets for _ in t.regions]
+    cls = torch.tensor(classes, dtype=torch.float32, device=device).expand(batch_size, len(classes))
+    return {"image": x, "label": label, "cls": cls.contiguous()}
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

@@ -10,7 +10,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from trainables.errors import StudyInputError
 from trainables.faults import FaultInjector, faults_from_env
 from trainables.finetune import STRATEGIES
 from trainables.finetune.storage import save_finetuned, task_storage_bytes
+from trainables.phases import REPEAT_PHASES
 from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta, pretrain_key
 
 # report(metrics, state) -> None; ``state`` returns a resumable checkpoint dict when called (it copies the
@@ -34,10 +35,35 @@ def _data_config(d: dict) -> DataConfig:
     d = dict(d)
     d["input_size"] = tuple(d["input_size"])
     d.setdefault("roi", "none")  # a trial config saved before registration existed (a resumed study): its crop
-    if shared.is_remote(d["manifest"]):  # a cohort in an object store: this node's downloaded copy
-        folder, name = d["manifest"].rstrip("/").rsplit("/", 1)
-        d["manifest"] = str(shared.fetch_tree(folder) / name)
     return DataConfig(**d)
+
+
+def _local_data(data: DataConfig) -> DataConfig:
+    """The data config on this node: a cohort in an object store is read from this node's downloaded copy."""
+    if not shared.is_remote(data.manifest):
+        return data
+    folder, name = data.manifest.rstrip("/").rsplit("/", 1)
+    return replace(data, manifest=str(shared.fetch_tree(folder) / name))
+
+
+
+
+@dataclass(frozen=True)
+class CellRef:
+    """Which cell a trial belongs to: its id (``study.grid.cell_id``) and coordinates. A pre-training trial
+    names its pre-training job (``study.grid.pretrain_id``) and has no strategy."""
+
+    id: str
+    pretrain: str
+    backbone: str
+    strategy: str = ""
+    fraction: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> CellRef:
+        d = dict(d or {})
+        return cls(str(d.get("id", "")), str(d.get("pretrain", "")), str(d.get("backbone", "")),
+                   str(d.get("strategy", "")), float(d.get("fraction", 1.0)))
 
 
 @dataclass
@@ -49,6 +75,9 @@ class PretrainTrial:
     data: DataConfig
     cache_dir: str
     data_id: str = ""
+    cell: CellRef = field(default_factory=lambda: CellRef("", "", ""))
+    stage = "pretrain"
+    phase = ""
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainTrial:
@@ -58,15 +87,29 @@ class PretrainTrial:
             data=_data_config(d["data"]),
             cache_dir=d["cache_dir"],
             data_id=d.get("data_id", ""),
+            cell=CellRef.from_dict(d.get("cell")),
         )
 
     def to_dict(self) -> dict:
         return {"stage": "pretrain", **asdict(self)}
 
+    @property
+    def epochs(self) -> int:
+        return self.pretrain.epochs
+
+    def ran_all_epochs(self, last: dict) -> bool:
+        """A pre-training trial is never stopped early: it ran all its epochs if it ended without error."""
+        return True
+
 
 @dataclass
 class FinetuneTrial:
-    """A fine-tuning trial: a cell's strategy and hyperparameters on a pre-trained body."""
+    """A fine-tuning trial: a cell's strategy and hyperparameters on a pre-trained body.
+
+    This and :class:`PretrainTrial` are the schema of the plain-dict trial configs Tune carries: the
+    launcher writes them with ``to_dict`` and everything that reads a trial's config (the trainable, the
+    tracking, scheduling, progress and resource callbacks) reads it through :func:`parse_trial`.
+    """
 
     backbone: BackboneConfig
     strategy: str
@@ -75,7 +118,13 @@ class FinetuneTrial:
     data: DataConfig
     pretrain_checkpoint: str | None = None
     output_dir: str | None = None  # where the fine-tuned (trained-parameters-only) model is saved
-    extra: dict = field(default_factory=dict)
+    cell: CellRef = field(default_factory=lambda: CellRef("", "", ""))
+    phase: str = "search"  # search | seeds (seed re-runs) | race (a race's repeats)
+    race_round: int | None = None  # the race round a repeat belongs to
+    labelled_subjects: int | None = None  # labelled training subjects the cell's label fraction keeps
+    checkpoint_every_s: float = 0.0  # seconds between checkpoints (0: every epoch)
+    pretrained: dict | None = None  # an external checkpoint's identity (name, file, sha256, loaded fractions)
+    stage = "finetune"
 
     def __post_init__(self) -> None:
         STRATEGIES.get(self.strategy).make_config(self.strategy_params)  # validate before any work
@@ -90,10 +139,47 @@ class FinetuneTrial:
             data=_data_config(d["data"]),
             pretrain_checkpoint=d.get("pretrain_checkpoint"),
             output_dir=d.get("output_dir"),
+            cell=CellRef.from_dict(d.get("cell")),
+            phase=d.get("phase", "search"),
+            race_round=d.get("race_round"),
+            labelled_subjects=d.get("labelled_subjects"),
+            checkpoint_every_s=float(d.get("checkpoint_every_s", 0.0)),
+            pretrained=d.get("pretrained"),
         )
 
     def to_dict(self) -> dict:
-        return {"stage": "finetune", **asdict(self)}
+        d = {"stage": "finetune", **asdict(self)}
+        d["data"]["input_size"] = list(self.data.input_size)
+        for key in ("race_round", "pretrained"):
+            if d[key] is None:
+                d.pop(key)
+        return d
+
+    @property
+    def epochs(self) -> int:
+        return self.train.epochs
+
+    @property
+    def is_repeat(self) -> bool:
+        """A seed re-run or a race's repeat of a cell's best configuration (never stopped early)."""
+        return self.phase in REPEAT_PHASES
+
+    def ran_all_epochs(self, last: dict) -> bool:
+        """Whether the trial's last result is its last planned epoch (False: ASHA stopped it early)."""
+        return int(last.get("epoch", self.epochs)) >= self.epochs
+
+
+TrialSpec = PretrainTrial | FinetuneTrial
+
+
+def parse_trial(config: dict) -> TrialSpec:
+    """A plain-dict trial config -> its typed spec; raises StudyInputError for an unknown stage."""
+    stage = config.get("stage")
+    if stage == "pretrain":
+        return PretrainTrial.from_dict(config)
+    if stage == "finetune":
+        return FinetuneTrial.from_dict(config)
+    raise StudyInputError(f"trial config has stage {stage!r}; expected 'pretrain' or 'finetune'")
 
 
 def run_pretrain(spec: PretrainTrial, report: Report) -> dict:
@@ -214,10 +300,8 @@ def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
 
 def run_trial(config: dict, report: Report, resume: dict | None = None) -> dict:
     """Dispatch a plain-dict trial config (``stage`` = pretrain | finetune) to its runner."""
-    stage = config.get("stage")
-    if stage == "pretrain":
-        return run_pretrain(PretrainTrial.from_dict(config), report)
-    if stage == "finetune":
-        return run_finetune(FinetuneTrial.from_dict(config), report, resume, cell_id=config.get("cell", {}).get("id", ""),
-                            phase=config.get("phase", ""))
-    raise StudyInputError(f"trial config has stage {stage!r}; expected 'pretrain' or 'finetune'")
+    spec = parse_trial(config)
+    if isinstance(spec, PretrainTrial):
+        return run_pretrain(replace(spec, data=_local_data(spec.data)), report)
+    return run_finetune(replace(spec, data=_local_data(spec.data)), report, resume, cell_id=spec.cell.id,
+                        phase=spec.phase)

@@ -14,7 +14,7 @@ import time
 import torch
 from ray import tune
 
-from trainables.trials import run_trial
+from trainables.trials import parse_trial, run_trial
 
 _STATE_FILE = "state.pt"
 
@@ -49,7 +49,8 @@ def study_trainable(config: dict) -> None:
                 resume = torch.load(path, weights_only=False)
 
     node_id = _node_id()
-    every_s = float(config.get("checkpoint_every_s", 0.0))
+    spec = parse_trial(config)
+    every_s = getattr(spec, "checkpoint_every_s", 0.0)
     last = time.monotonic()
 
     def report(metrics: dict, state) -> None:
