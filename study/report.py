@@ -244,12 +244,17 @@ def compare_cells(study: Study):
 
 def best_params(run) -> dict:
     """``{"train": {...}, "strategy_params": {...}}`` of a run: the hyperparameters a grid file may fix."""
+    from search_spaces.finetune import TRAIN_DEFAULTS
     from study.grid_file import _TRAIN_SEARCHED
+    from trainables.engine import TrainConfig
 
+    defaults = TrainConfig()
     train, strategy = {}, {}
     for key, value in run.data.params.items():
         group, _, name = key.partition(".")
-        if group == "train" and name in _TRAIN_SEARCHED:
+        # what the search samples, and a fixed loss weight only where it is not the default
+        if group == "train" and name in _TRAIN_SEARCHED and (
+                name in TRAIN_DEFAULTS or typed(value) != getattr(defaults, name)):
             train[name] = typed(value)
         elif group == "strategy_params":
             strategy[name] = typed(value)

@@ -40,6 +40,8 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def _name(value: object, where: str) -> str:
+    if isinstance(value, bool):  # YAML reads a bare yes/no/on/off as a boolean
+        raise StudyInputError(f"{where}: {value!r} is a YAML boolean; write the name in quotes, e.g. \"no\"")
     if not isinstance(value, str) or not _NAME.match(value):
         raise StudyInputError(f"{where}: {value!r} is not a name (letters, digits and '_', starting with a letter)")
     return value
