@@ -7,7 +7,7 @@ laptop resolution (16^3 at 4 mm); test Dice, AUC, score and the wall time of one
         [--pretrain reconstruction] [--pretrain-epochs 10] [--seed 0]
 
 Results: ``bench/results/calibrate.json`` (one row per configuration and method); the table the budget in
-``study/grid.py`` was chosen from is in ``bench/RESULTS.md``.
+``study/plan/grid.py`` was chosen from is in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from study.provenance import code_version
+from study.run.provenance import code_version
 from trainables.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,9 +69,9 @@ def fixed_trials(work: Path, budget: str, cells: list[tuple[str, str]], per_cell
 
     import optuna
 
-    from study.grid import Cell, select_plan
     from study.launch import TrialFactory, prepare_data
-    from study.searcher import sample_finetune_params
+    from study.plan.grid import Cell, select_plan
+    from study.run.searcher import sample_finetune_params
 
     if any(p != "none" for p, _ in cells):
         raise ValueError("fixed_trials takes 'none' cells only (no pre-training)")

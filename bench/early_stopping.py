@@ -25,7 +25,7 @@ def run(configs: list[dict], plan, mode: str, work: Path) -> dict:
     from ray.tune.search import Searcher
 
     from study.launch import make_scheduler
-    from study.resources import trial_resources
+    from study.run.resources import trial_resources
     from trainables.tune_trainable import study_trainable
 
     class FixedConfigs(Searcher):

@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import strategies
 from bench.common import print_table, write_result
 
-PAPER_SIZE, PAPER_WIDTH = 64, 24  # study.grid.BUDGETS["paper"]: input_size 64^3, width 24
+PAPER_SIZE, PAPER_WIDTH = 64, 24  # study.plan.grid.BUDGETS["paper"]: input_size 64^3, width 24
 
 
 def _worker(args: tuple, barrier, queue) -> None:

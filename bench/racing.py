@@ -4,7 +4,7 @@ The same study (grid, budget, seed) runs twice with the same number of extra tri
 
 - **uniform**: ``--seeds K`` re-runs every cell's best configuration K times (``K x cells`` trials);
 - **race**: ``--race-budget K*cells`` spends at most as many repeats on the cells that can still be the best
-  (:mod:`study.racing`), and fewer when it resolves the best early.
+  (:mod:`study.evidence.racing`), and fewer when it resolves the best early.
 
 For each, from the study's ``report/report.json``: the extra trials run, the size of the set of cells that
 cannot be told apart from the best, the best cell and the width of its 95% interval of the test score,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/racing", help="folder for the two studies")
     p.add_argument("--analyse-only", action="store_true", help="compare two finished studies in --work")
     args = p.parse_args(argv)
-    from study.grid import select_plan
+    from study.plan.grid import select_plan
 
     cells = len(select_plan(args.grid, budget=args.budget).cells)
     work = Path(args.work)

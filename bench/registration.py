@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
     from study.cohort import CohortParams, generate_cohort, synthesize_subject_with_pose
-    from study.grid import BUDGETS
-    from study.prepare import preprocess_cohort
+    from study.plan.grid import BUDGETS
+    from study.run.prepare import preprocess_cohort
     from trainables import registration
     from trainables.data import DataConfig, read_manifest
 

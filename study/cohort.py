@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainables.atomic import atomic_write, atomic_write_text
+from trainables.data import check_splits
 from trainables.errors import StudyInputError
 from trainables.registration import BOX_MIN, BOX_SIZE, box_affine
 
@@ -79,30 +80,12 @@ def output_affine(spacing: float, n: int) -> np.ndarray:
     return box_affine(spacing, (n, n, n))
 
 
-SPLITS = ("pretrain", "train", "val", "test")
-
-
 def split_sizes(n: int) -> dict[str, int]:
     """Subjects per split: ~40% pretrain, 30% train, 15% val, 15% test, at least 2 each."""
     val = max(2, round(0.15 * n))
     test = max(2, round(0.15 * n))
     train = max(2, round(0.30 * n))
     return {"pretrain": n - train - val - test, "train": train, "val": val, "test": test}
-
-
-def check_splits(sizes: dict) -> dict[str, int]:
-    """Explicit split sizes ``{pretrain, train, val, test}`` (each an integer >= 2), validated; returns them
-    in the standard order."""
-    if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
-        raise StudyInputError(f"splits must give the number of subjects of each of {', '.join(SPLITS)}, got "
-                              f"{sizes!r}; e.g. {{pretrain: 200, train: 24, val: 80, test: 120}}")
-    for name in SPLITS:
-        value = sizes[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise StudyInputError(f"splits.{name} must be an integer >= 2, got {value!r}")
-    if sum(sizes.values()) > 10000:
-        raise StudyInputError(f"splits add up to {sum(sizes.values())} subjects; at most 10000")
-    return {name: sizes[name] for name in SPLITS}
 
 
 def assign_splits(n: int, seed: int, sizes: dict[str, int] | None = None) -> list[str]:

@@ -18,10 +18,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from study.grid import GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
-from study.racing import FINAL as RACE_FINAL
-from study.racing import RACE_FILE, read_race
-from trainables import shared as shared_storage
+from study.evidence.racing import FINAL as RACE_FINAL
+from study.evidence.racing import RACE_FILE, read_race
+from study.plan.grid import GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
+from trainables import shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 from trainables.registration import ROI_MODES
@@ -40,7 +40,7 @@ class TrialFactory:
     output: str
     pretrain_cache: str
     checkpoint_every_s: float = 30.0
-    external: dict = field(default_factory=dict)  # "NAME__BACKBONE" -> converted external checkpoint (study.checkpoints)
+    external: dict = field(default_factory=dict)  # "NAME__BACKBONE" -> converted external checkpoint (study.run.checkpoints)
     train_subjects: int = 0  # labelled training subjects of the cohort (a label fraction keeps part of them)
 
     def backbone(self, name: str) -> dict:
@@ -261,9 +261,9 @@ def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | N
     roi = roi or default_roi(cohort)
     import hashlib
 
-    from study.grid import labelled_count
-    from study.prepare import describe, preprocess_cohort
-    from study.progress import log
+    from study.plan.grid import labelled_count
+    from study.run.prepare import describe, preprocess_cohort
+    from study.run.progress import log
     from trainables.data import DataConfig, read_manifest, roi_mode, validate_cohort
 
     if cohort is None:
@@ -319,7 +319,7 @@ def saved_args(args: argparse.Namespace) -> dict:
 def publish_cohort(manifest: Path, storage: str, data_id: str) -> str:
     """Upload the cohort's folder (not its local preprocessing cache) to an object store, once per cohort.
 
-    Trials download it once per node (:func:`trainables.shared.fetch_tree`) and preprocess it there. The
+    Trials download it once per node (:func:`trainables.shared_storage.fetch_tree`) and preprocess it there. The
     manifest goes last: its presence marks a complete upload. Returns the manifest's URI.
     """
     remote = shared_storage.join(storage, "cohort", data_id)
@@ -374,12 +374,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     import ray
     from ray import tune
 
-    from study.checks import check_mlflow_uri, check_numbers, check_ray_address
-    from study.progress import ProgressCallback, log, ray_console_to_log, setup_logging
-    from study.resources import measure_shares, trial_resources
-    from study.searcher import StudySearcher
-    from study.summary import print_summary
-    from study.tracking import MLflowTrialCallback, StudyTracker, code_version
+    from study.run.checks import check_mlflow_uri, check_numbers, check_ray_address
+    from study.run.progress import ProgressCallback, log, ray_console_to_log, setup_logging
+    from study.run.resources import measure_shares, trial_resources
+    from study.run.searcher import StudySearcher
+    from study.run.summary import print_summary
+    from study.run.tracking import MLflowTrialCallback, StudyTracker, code_version
     from trainables.finetune import check_applicable
     from trainables.tune_trainable import study_trainable
 
@@ -434,7 +434,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                               + ", ".join(c.id for c in plan.cells[:20]) + ("…" if len(plan.cells) > 20 else ""))
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
-    # What every node must see: a mounted folder, or an object-store URI (trainables/shared.py).
+    # What every node must see: a mounted folder, or an object-store URI (trainables/shared_storage.py).
     remote = shared_storage.is_remote(args.storage)
     shared = shared_storage.absolute(args.storage or output)
     if not remote:
@@ -458,7 +458,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             str(Path(shared).parent / "pretrain_cache")
     external = {}
     if plan.pretrained:  # external checkpoints: matched, reported, converted; refused below the threshold
-        from study.checkpoints import prepare_external
+        from study.run.checkpoints import prepare_external
         from trainables.pretrained import MIN_FRACTION
 
         fraction = MIN_FRACTION if args.pretrained_min_fraction is None else args.pretrained_min_fraction
@@ -494,7 +494,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         if args.max_concurrent:
             slots = min(slots, args.max_concurrent)
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots))  # an autoscaling cluster may want more
-        from study import searcher as searcher_module
+        from study.run import searcher as searcher_module
 
         searcher_module.RACE_RECORD["path"] = str(output / RACE_FILE)
         factory = TrialFactory(plan=plan, data=data, data_id=data_id, output=shared,
@@ -557,7 +557,7 @@ def make_scheduler(plan: StudyPlan, early_stopping: str = "asha"):
     """Per-cell ASHA on the selection score with the plan's grace period, or FIFO (no early stopping)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from study.scheduling import PerCellASHA
+    from study.run.scheduling import PerCellASHA
 
     if early_stopping == "none":
         return FIFOScheduler()

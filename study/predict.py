@@ -67,7 +67,7 @@ def _geometry_from_study(model_file: Path) -> dict:
 
 def load_model(spec: str, tracking_uri: str | None, workdir: str | Path):
     """``(model, info)`` from a ``model.pt`` path (or its folder) or a registered ``NAME[@ALIAS]``."""
-    from study.model_registry import download_registered, load_model_folder
+    from study.run.model_registry import download_registered, load_model_folder
 
     path = Path(spec)
     if path.exists():

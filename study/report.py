@@ -26,8 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainables import shared
-from trainables.atomic import atomic_write_text
+from trainables import shared_storage
+from trainables.atomic import atomic_write_text, strict_json
 from trainables.errors import StudyInputError
 from trainables.metric_names import FINAL_METRICS
 from trainables.phases import REPEAT_PHASES, best_run_per_cell
@@ -153,7 +153,7 @@ def load_study(folder: str | Path) -> Study:
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                               max_results=50000)
     cells = {}
-    from study.grid import cell_id
+    from study.plan.grid import cell_id
 
     for c in plan.get("cells", []):
         fraction = float(c.get("fraction", 1.0))
@@ -197,13 +197,13 @@ def load_study(folder: str | Path) -> Study:
 
 
 def load_cases(client, run_id: str, task: TaskSpec | None = None):
-    """A run's per-case test results (the ``test_cases.json`` table artifact) as :class:`study.stats.Cases`,
+    """A run's per-case test results (the ``test_cases.json`` table artifact) as :class:`study.evidence.stats.Cases`,
     or None for a run that has none (a study from before per-case results, or a failed upload)."""
     import os
     import tempfile
 
-    from study.stats import Cases
-    from study.tracking import TEST_CASES_FILE
+    from study.evidence.stats import Cases
+    from study.run.tracking import TEST_CASES_FILE
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,9 +229,9 @@ def reference_cell(study: Study) -> str | None:
 
 
 def compare_cells(study: Study):
-    """The statistics of :mod:`study.stats` over the cells with per-case results (stored on the study)."""
-    from study import stats
-    from study.racing import pooled_seed_sd
+    """The statistics of :mod:`study.evidence.stats` over the cells with per-case results (stored on the study)."""
+    from study.evidence import stats
+    from study.evidence.racing import pooled_seed_sd
 
     runs = {c.id: c.cases for c in study.cells if c.best is not None}
     # with repeats of some cells (a race, --seeds), every difference from the best is tested against the
@@ -245,7 +245,7 @@ def compare_cells(study: Study):
 def best_params(run) -> dict:
     """``{"train": {...}, "strategy_params": {...}}`` of a run: the hyperparameters a grid file may fix."""
     from search_spaces.finetune import TRAIN_DEFAULTS
-    from study.grid_file import _TRAIN_SEARCHED
+    from study.plan.grid_file import _TRAIN_SEARCHED
     from trainables.engine import TrainConfig
 
     defaults = TrainConfig()
@@ -263,8 +263,8 @@ def best_params(run) -> dict:
 
 def write_best_configs(study: Study, path: Path) -> Path:
     """``best_configs.yaml``: the plan's sizes and every reported cell with its best hyperparameters fixed."""
-    from study.grid import StudyPlan
-    from study.grid_file import dump_grid_file
+    from study.plan.grid import StudyPlan
+    from study.plan.grid_file import dump_grid_file
 
     allowed = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
     fields = {"name": f"{study.plan.get('name', 'study')}-best"}
@@ -278,15 +278,15 @@ def write_best_configs(study: Study, path: Path) -> Path:
 
 def register_models(study: Study) -> list[str]:
     """Register each cell's best model; returns notes for the cells whose model file is missing."""
-    from study.model_registry import register_best, registered_name
+    from study.run.model_registry import register_best, registered_name
 
     notes = []
     for cell in study.cells:
         if cell.best is None:
             continue
         params = cell.best.data.params
-        location = shared.join(params.get("output_dir", ""), "model.pt")
-        model = shared.find(location)  # a local copy when the study's storage is an object store
+        location = shared_storage.join(params.get("output_dir", ""), "model.pt")
+        model = shared_storage.find(location)  # a local copy when the study's storage is an object store
         if model is None:
             notes.append(f"{cell.id}: model file {location} not found; not registered")
             continue
@@ -313,7 +313,7 @@ def optuna_location(folder: Path, args: dict) -> str | Path:
     """
     if args.get("optuna_storage"):
         return str(args["optuna_storage"])
-    if not args.get("storage") or shared.is_remote(args["storage"]):
+    if not args.get("storage") or shared_storage.is_remote(args["storage"]):
         return folder
     return Path(args["storage"]).expanduser()
 
@@ -322,8 +322,8 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
     """(main figures, importance figure per cell, notes)."""
     import optuna
 
-    from study import plots
-    from study.searcher import optuna_storage
+    from study.evidence import plots
+    from study.run.searcher import optuna_storage
 
     done = [c for c in study.cells if c.best is not None]
     comparison = study.comparison if study.comparison is not None else compare_cells(study)
@@ -428,7 +428,7 @@ def summary(study: Study) -> dict:
                 "p_best": stat.p_best, "indistinguishable_from_best": stat.indistinguishable_from_best,
                 "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()},
                 "wilcoxon_p": stat.wilcoxon_p, "holm_p": stat.holm_p}
-    from study.verdict import claims, label_verdict, verdict
+    from study.evidence.verdict import claims, label_verdict, verdict
 
     text = verdict(comparison) + label_verdict(study.cells, comparison)
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
@@ -449,8 +449,8 @@ def summary(study: Study) -> dict:
 def race_summary(study: Study, comparison) -> dict | None:
     """The race's record (``race.json``) with the MLflow side of it: the repeats each cell has in MLflow,
     the reasons of failed repeats, the survivors' intervals over all their runs, and the text of the outcome."""
-    from study.progress import duration
-    from study.racing import read_race
+    from study.evidence.racing import read_race
+    from study.run.progress import duration
 
     race = read_race(study.folder)
     if race is None:
@@ -517,23 +517,6 @@ def race_summary(study: Study, comparison) -> dict | None:
 def _listed(d: dict) -> dict:
     """A difference entry with its interval as a list (JSON)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _finite(value: object) -> object:
-    """``value`` with every NaN or infinite float replaced by ``None`` (JSON's ``null``), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def strict_json(data: object) -> str:
-    """Strict JSON (RFC 8259): missing or undefined numbers are ``null``, never ``NaN`` or ``Infinity``,
-    which a browser's ``JSON.parse`` and ``jq`` reject."""
-    return json.dumps(_finite(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False)
 
 
 def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow: bool = True,

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from study.report import COLUMNS, Study
+from trainables.task import as_task
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;
@@ -36,7 +37,9 @@ def _heading(study: Study) -> list[str]:
     counts = _counts(study)
     done = sum(c.best is not None for c in study.cells)
     trials = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(counts.items())) or "none"
+    task = as_task(study.task)
     return [
+        f"Task: {task.name} ({task.description or 'no description'}); selection score = {task.score_text()}",
         f"Study folder: {study.folder}",
         f"MLflow: {study.tracking_uri}, parent run {study.parent_run_id}",
         f"Cells: {len(study.cells)} ({done} with a finished trial); fine-tuning trials: {trials}",
@@ -66,16 +69,16 @@ def _long_rows(study: Study) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _finite(x: object) -> bool:
+def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _ci_text(stats: dict, metric: str) -> str:
     lo, hi = stats["ci"][metric]
     est = stats["estimate"][metric]
-    if not _finite(est):
+    if not _is_number(est):
         return "–"
-    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else f"{est:.3f}"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if _is_number(lo) and _is_number(hi) else f"{est:.3f}"
 
 
 def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
@@ -84,19 +87,19 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
             "Δ score vs reference [95% CI]", "Wilcoxon p (Holm)"]
     rows = []
     ranked = sorted((c for c in data["cells"] if c.get("statistics")),
-                    key=lambda c: -(c["statistics"]["estimate"]["score"] if _finite(c["statistics"]["estimate"]["score"])
+                    key=lambda c: -(c["statistics"]["estimate"]["score"] if _is_number(c["statistics"]["estimate"]["score"])
                                     else -1.0))
     for c in ranked:
         st = c["statistics"]
         ref = st["vs_reference"].get("score")
         if ref:
             lo, hi = ref["ci"]
-            delta = (f"{ref['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if _finite(lo) and _finite(hi)
-                     else f"{ref['difference']:+.3f}" if _finite(ref["difference"]) else "–")
+            delta = (f"{ref['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if _is_number(lo) and _is_number(hi)
+                     else f"{ref['difference']:+.3f}" if _is_number(ref["difference"]) else "–")
         else:
             delta = "reference" if c["cell"] == data["verdict"]["reference"] else "–"
         p = st["wilcoxon_p"]
-        ptxt = f"{p:.3g} ({st['holm_p']:.3g})" if _finite(p) and _finite(st["holm_p"]) else "–"
+        ptxt = f"{p:.3g} ({st['holm_p']:.3g})" if _is_number(p) and _is_number(st["holm_p"]) else "–"
         rows.append([c["cell"], _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
                      f"{st['p_best']:.2f}", "yes" if st["indistinguishable_from_best"] else "no", delta, ptxt])
     return head, rows
@@ -113,12 +116,12 @@ def _race_rows(race: dict) -> list[list[str]]:
         outcome = (f"eliminated after {'the search' if r['round'] == 0 else 'round ' + str(r['round'])}"
                    if r["outcome"] == "eliminated" else r["outcome"]) + (f" ({r['reason']})" if r.get("reason") else "")
         ci = r.get("ci") or [None, None]
-        diff = (f"{r['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if _finite(r.get("difference"))
-                and _finite(ci[0]) and _finite(ci[1]) else "–")
-        p = f"{r['p']:.2g} ({r['holm_p']:.2g})" if _finite(r.get("p")) and _finite(r.get("holm_p")) else "–"
+        diff = (f"{r['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if _is_number(r.get("difference"))
+                and _is_number(ci[0]) and _is_number(ci[1]) else "–")
+        p = f"{r['p']:.2g} ({r['holm_p']:.2g})" if _is_number(r.get("p")) and _is_number(r.get("holm_p")) else "–"
         score = r.get("test_score_ci")
-        score = (f"{r['test_score']:.3f} [{score[0]:.3f}, {score[1]:.3f}]" if score and _finite(r.get("test_score"))
-                 and _finite(score[0]) and _finite(score[1]) else "–")
+        score = (f"{r['test_score']:.3f} [{score[0]:.3f}, {score[1]:.3f}]" if score and _is_number(r.get("test_score"))
+                 and _is_number(score[0]) and _is_number(score[1]) else "–")
         rows.append([r["cell"], outcome, diff, p, score, f"{r['repeats']} ({r['repeats_in_mlflow']})"])
     return rows
 

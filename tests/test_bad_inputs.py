@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from study.grid import select_plan
-from study.grid_file import load_grid_file
 from study.launch import main
+from study.plan.grid import select_plan
+from study.plan.grid_file import load_grid_file
 from trainables.data import read_manifest
 from trainables.errors import StudyInputError
 

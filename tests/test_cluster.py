@@ -263,7 +263,7 @@ def _child_runs(cluster: LocalCluster, experiment: str) -> list:
 
 
 def _plan(*filters: str):
-    from study.grid import select_plan
+    from study.plan.grid import select_plan
 
     methods = filters[filters.index("--methods") + 1].split(",") if "--methods" in filters else None
     return select_plan("smoke", methods=methods)
@@ -282,7 +282,7 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
 
 
 def _assert_one_finished_run_per_trial(runs: list, plan) -> None:
-    from study.tracking import FINAL_METRICS
+    from study.run.tracking import FINAL_METRICS
 
     by_trial: dict[str, list] = {}
     for r in runs:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from study.grid import select_plan
+from study.plan.grid import select_plan
 from trainables.data import DataConfig, SubjectRecord, labelled_count, labelled_subset, load_split
 from trainables.errors import StudyInputError
 

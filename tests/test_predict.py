@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 from scipy import ndimage
 
 from study.cohort import CohortParams, synthesize_subject
-from study.model_registry import load_model_folder, register_best, stage_model
 from study.predict import main as predict_main
 from study.predict import network_affine, predict_image, to_input_grid
+from study.run.model_registry import load_model_folder, register_best, stage_model
 from trainables.backbones import BackboneConfig
 from trainables.data import DataConfig, SubjectRecord, preprocess_subject
 from trainables.engine import TrainConfig

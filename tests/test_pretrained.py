@@ -149,8 +149,8 @@ def test_a_study_with_an_external_checkpoint_and_two_label_fractions(tmp_path):
     half, full = (set(next(iter(subjects[f])).split(",")) for f in (0.5, 1.0))
     assert half < full and len(half) == 2 and len(full) == 4
 
+    from study.evidence.verdict import label_verdict
     from study.report import compare_cells, label_efficiency, load_study
-    from study.verdict import label_verdict
 
     study = load_study(out)
     comparison = compare_cells(study)
@@ -175,7 +175,7 @@ def test_a_study_with_an_external_checkpoint_and_two_label_fractions(tmp_path):
 def test_a_grid_file_names_checkpoints_relative_to_itself(tmp_path):
     """``pretrained:`` in a grid file: paths relative to the file; its cells use the name; a name that is a
     registered method is refused on one line."""
-    from study.grid import select_plan
+    from study.plan.grid import select_plan
 
     (tmp_path / "weights").mkdir()
     torch.save(_monai_segresnet(8).state_dict(), tmp_path / "weights" / "seg.pt")

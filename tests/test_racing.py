@@ -1,4 +1,4 @@
-"""The race's elimination rule (study/racing.py) on fixed per-case tables: no training."""
+"""The race's elimination rule (study/evidence/racing.py) on fixed per-case tables: no training."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from study.racing import (
+from study.evidence.racing import (
     MAX_FAILED_REPEATS,
     MIN_SUBJECTS,
     Race,
@@ -17,7 +17,7 @@ from study.racing import (
     pooled_seed_sd,
     run_scores,
 )
-from study.stats import Cases, compare
+from study.evidence.stats import Cases, compare
 
 
 def _rows(dice: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> list[dict]:
@@ -186,7 +186,7 @@ def test_evaluate_agrees_with_the_reports_statistics() -> None:
 
 
 def test_a_searcher_state_saved_before_racing_existed_restores_without_a_race(tmp_path) -> None:
-    from study.searcher import StudySearcher, _State
+    from study.run.searcher import StudySearcher, _State
 
     state = _State(pretrain_pending=["reconstruction__segresnet"])
     for name in ("race", "best_rows"):  # what an earlier version's pickled state lacks

@@ -21,7 +21,7 @@ from scipy import ndimage
 from bench.registration import scanner_pose
 from study.cohort import CohortParams, synthesize_subject_with_pose
 from study.predict import predict_image
-from study.prepare import describe, preprocess_cohort
+from study.run.prepare import describe, preprocess_cohort
 from trainables import registration
 from trainables.data import DataConfig, SubjectRecord, preprocess_subject, read_manifest
 from trainables.errors import StudyInputError

@@ -24,14 +24,14 @@ import yaml
 from conftest import run_in_terminal, wait_for
 from mlflow.tracking import MlflowClient
 
-from study.grid_file import load_grid_file
+from study.evidence.plots import cell_importances, pareto_front
+from study.evidence.verdict import _cache_note
 from study.launch import build_parser, run_study
-from study.model_registry import load_model_folder, registered_name
-from study.plots import cell_importances, pareto_front
+from study.plan.grid_file import load_grid_file
 from study.predict import predict_image
 from study.report import COLUMNS, optuna_location, write_report
-from study.searcher import optuna_storage
-from study.verdict import _cache_note
+from study.run.model_registry import load_model_folder, registered_name
+from study.run.searcher import optuna_storage
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"

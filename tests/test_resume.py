@@ -101,7 +101,7 @@ def test_interrupt_resume_and_failed_trial(tmp_path) -> None:
     # journal, whose finished trials are every completed trial of that cell, before and after the interrupt.
     import optuna
 
-    from study.searcher import optuna_storage
+    from study.run.searcher import optuna_storage
 
     storage = optuna_storage(None, out)
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
@@ -134,7 +134,7 @@ cells:
 
 
 def test_race_after_the_search_interrupted_mid_race_and_resumed(tmp_path) -> None:
-    from study.racing import FINAL, read_race
+    from study.evidence.racing import FINAL, read_race
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(RACE_GRID)

@@ -8,8 +8,8 @@ from conftest import start_local_ray
 from light_trainables import barrier_sleeper, curve
 from ray import tune
 
-from study.resources import gpu_share, trial_resources
-from study.scheduling import PerCellASHA
+from study.run.resources import gpu_share, trial_resources
+from study.run.scheduling import PerCellASHA
 from trainables.errors import StudyInputError
 
 
@@ -90,8 +90,8 @@ def test_asha_stops_worse_trials_within_their_cell_only(ray_one_gpu, tmp_path) -
 def test_searcher_overlaps_pretraining_and_finetuning(tmp_path) -> None:
     """The real searcher with real per-cell Optuna studies: `none` cells are suggested while pre-training
     runs, and a method's cells as soon as its own checkpoint exists, while another method still pre-trains."""
-    from study.grid import Cell, StudyPlan
-    from study.searcher import StudySearcher
+    from study.plan.grid import Cell, StudyPlan
+    from study.run.searcher import StudySearcher
 
     cells = [Cell(m, "full", "segresnet") for m in ("none", "reconstruction", "contrastive")]
     plan = StudyPlan(name="t", cells=cells, num_samples=3)
@@ -118,8 +118,8 @@ def test_searcher_keeps_its_studies_in_the_optuna_rdb_url(tmp_path) -> None:
     """--optuna-storage: the per-cell studies live in the given database, not in a journal file."""
     import optuna
 
-    from study.grid import Cell, StudyPlan
-    from study.searcher import StudySearcher
+    from study.plan.grid import Cell, StudyPlan
+    from study.run.searcher import StudySearcher
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     plan = StudyPlan(name="t", cells=[Cell("none", "full", "segresnet")], num_samples=2, finetune_epochs=1)

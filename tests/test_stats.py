@@ -1,4 +1,4 @@
-"""The report's statistics (study/stats.py) against independent computations on small fixed tables."""
+"""The report's statistics (study/evidence/stats.py) against independent computations on small fixed tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
-from study.stats import Cases, auc_of, compare, holm, interval, score_of, wilcoxon_p
+from study.evidence.stats import Cases, auc_of, compare, holm, interval, score_of, wilcoxon_p
 
 
 def _cases(dice: np.ndarray, prob: np.ndarray | None = None, truth: np.ndarray | None = None, prefix: str = "s"):

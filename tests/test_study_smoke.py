@@ -13,8 +13,8 @@ import torch
 from conftest import S3_BUCKET, s3_keys
 
 from study.launch import build_parser, run_study
-from study.tracking import FINAL_METRICS
-from trainables import shared
+from study.run.tracking import FINAL_METRICS
+from trainables import shared_storage
 from trainables.backbones import BackboneConfig, build_backbone, state_fingerprint
 from trainables.finetune.storage import load_finetuned
 from trainables.pretrain.loop import load_checkpoint
@@ -88,7 +88,7 @@ def test_finetuning_started_from_the_pretraining_checkpoint(smoke_study) -> None
         if trial.config["cell"]["pretrain"] == "none":
             assert ckpt is None and started == fresh
         else:
-            body = load_checkpoint(shared.fetch(ckpt))
+            body = load_checkpoint(shared_storage.fetch(ckpt))
             assert started == state_fingerprint(body) != fresh  # the checkpoint, not a fresh init
         checked.add((trial.config["cell"]["pretrain"], trial.config["strategy"]))
     assert {("reconstruction", s) for s in ("full", "top", "lora")} <= checked
@@ -96,8 +96,8 @@ def test_finetuning_started_from_the_pretraining_checkpoint(smoke_study) -> None
 
 def test_frozen_weights_are_the_checkpoints(smoke_study) -> None:
     (trial,) = _finetune_results(smoke_study, "top")
-    body = load_checkpoint(shared.fetch(trial.config["pretrain_checkpoint"]))
-    model_file = shared.fetch(trial.metrics["model_path"])
+    body = load_checkpoint(shared_storage.fetch(trial.config["pretrain_checkpoint"]))
+    model_file = shared_storage.fetch(trial.metrics["model_path"])
     model = load_finetuned(model_file, body_state=body)
     state = model.state_dict()
     trained = set(torch.load(model_file, weights_only=False)["trained"])
@@ -109,13 +109,13 @@ def test_frozen_weights_are_the_checkpoints(smoke_study) -> None:
 
 def test_top_and_lora_trained_only_what_they_should(smoke_study) -> None:
     (top,) = _finetune_results(smoke_study, "top")
-    trained = set(torch.load(shared.fetch(top.metrics["model_path"]), weights_only=False)["trained"])
+    trained = set(torch.load(shared_storage.fetch(top.metrics["model_path"]), weights_only=False)["trained"])
     k = top.config["strategy_params"]["trainable_blocks"]
     model = build_backbone(BackboneConfig(**top.config["backbone"]))
     allowed = tuple(name + "." for name, _ in model.blocks()[-k:]) + ("seg_head.", "cls_head.")
     assert trained and all(n.startswith(allowed) for n in trained), sorted(trained)[:5]
     (lora,) = _finetune_results(smoke_study, "lora")
-    trained = set(torch.load(shared.fetch(lora.metrics["model_path"]), weights_only=False)["trained"])
+    trained = set(torch.load(shared_storage.fetch(lora.metrics["model_path"]), weights_only=False)["trained"])
     assert any("lora_" in n for n in trained)
     assert all("lora_" in n or n.startswith(("seg_head.", "cls_head.")) for n in trained), sorted(trained)[:5]
     assert lora.metrics["trainable_fraction"] < 0.5

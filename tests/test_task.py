@@ -19,7 +19,7 @@ import torch
 import yaml
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from study.stats import Cases, accuracy_of, auc_of, balanced_accuracy_of, dice_of, score_of
+from study.evidence.stats import Cases, accuracy_of, auc_of, balanced_accuracy_of, dice_of, score_of
 from trainables.backbones import BACKBONES, BackboneConfig, backbone_info, build_backbone
 from trainables.data import DataConfig, load_split, make_loader, read_manifest
 from trainables.engine import MultiTaskLoss, synthetic_batch

@@ -526,6 +526,21 @@ def load_split(cfg: DataConfig, split: str) -> VolumeDataset:
                          [r.subject_id for r in chosen], cfg.spacing_mm, labeled, split, task.flips)
 
 
+def check_splits(sizes: dict) -> dict[str, int]:
+    """Explicit split sizes ``{pretrain, train, val, test}`` (each an integer >= 2), validated; returns them
+    in the standard order."""
+    if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
+        raise StudyInputError(f"splits must give the number of subjects of each of {', '.join(SPLITS)}, got "
+                              f"{sizes!r}; e.g. {{pretrain: 200, train: 24, val: 80, test: 120}}")
+    for name in SPLITS:
+        value = sizes[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise StudyInputError(f"splits.{name} must be an integer >= 2, got {value!r}")
+    if sum(sizes.values()) > 10000:
+        raise StudyInputError(f"splits add up to {sum(sizes.values())} subjects; at most 10000")
+    return {name: sizes[name] for name in SPLITS}
+
+
 def labelled_count(total: int, fraction: float) -> int:
     """Labelled training subjects a fraction keeps: ceil(fraction x total), at least 2 (one batch)."""
     return min(total, max(2, math.ceil(round(fraction * total, 9))))

@@ -6,9 +6,7 @@ trial failed and a plain Python loop, a test or a benchmark can call the same co
 
 from __future__ import annotations
 
-import os
 import random
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -130,13 +128,6 @@ class PeakMemory:
 
     def close(self) -> None:
         self._stop.set()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """The process's lifetime peak: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
 def _tensor_bytes(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> int:
@@ -442,7 +433,3 @@ def fit(
     finally:
         memory.close()
     return FitResult(history=history, final=dict(history[-1]))
-
-
-def default_num_threads() -> int:
-    return max(1, (os.cpu_count() or 1))

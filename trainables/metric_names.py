@@ -1,9 +1,12 @@
 """The metrics every fine-tuning run logs to MLflow, and how they are shown: the one list the report's table,
-the end-of-study summary and the tracking callback read (no torch here: the report imports it)."""
+the end-of-study summary and the tracking callback read (no torch here: the report imports it). The
+classification metrics come from their registry (:mod:`trainables.classification_metrics`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from trainables.classification_metrics import CLASSIFICATION_METRICS
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,8 @@ class MetricInfo:
 # (the report's table, the end-of-study summary and the MLflow compare view read this one table).
 FINAL_METRICS: dict[str, MetricInfo] = {
     "test_score": MetricInfo("test score"),
-    "test_accuracy": MetricInfo("accuracy"),
-    "test_balanced_accuracy": MetricInfo("bal. acc."),
-    "test_auc": MetricInfo("AUC"),
+    **{f"test_{name}": MetricInfo(CLASSIFICATION_METRICS.get(name).heading) for name in CLASSIFICATION_METRICS.names()
+       if CLASSIFICATION_METRICS.get(name).shown},
     "test_dice": MetricInfo("Dice"),
     "test_hd95": MetricInfo("HD95 mm", "{:.1f}"),
     "time_per_epoch_s": MetricInfo("s/epoch", "{:.2f}"),

@@ -5,12 +5,10 @@ Everything here reads the task spec (:class:`trainables.task.TaskSpec`); nothing
 Segmentation: mean Dice over the foreground classes and HD95 in mm.
   An image whose ground truth and prediction are both empty for a class counts Dice 1 (the structure is
   correctly absent); HD95 is averaged only over the cases where both are non-empty.
-Classification, per target over every (subject, region): ``accuracy``; ``balanced_accuracy``, the mean recall
-  over the classes, a class absent from the truth counting 0 (so that always answering "present" is not
-  rewarded when 60% of hemispheres have a PCS); ``auc`` (binary: ROC AUC; K classes: the mean one-vs-rest
-  AUC over the classes it is defined for); ``f1`` (K classes: macro); binary targets also ``sensitivity`` and
-  ``specificity`` (threshold 0.5, so ``balanced_accuracy = (sensitivity + specificity) / 2``). A task with
-  several targets names them ``<target>_<metric>`` and the plain names are their means.
+Classification, per target over every (subject, region): the registered metrics of
+  :mod:`trainables.classification_metrics` (accuracy, balanced accuracy, AUC, F1; binary targets also
+  sensitivity and specificity; the called class is ``p >= 0.5`` for two classes, else the most probable). A
+  task with several targets names them ``<target>_<metric>`` and the plain names are their means.
 Selection score: the task's weighted sum (the PCS task: ``(dice + balanced_accuracy) / 2``). The names and
 headings of the metrics every run logs are in :mod:`trainables.metric_names`.
 """
@@ -21,9 +19,10 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, ROCAUCMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
+from trainables.classification_metrics import applicable, called_class
 from trainables.task import Target, TaskSpec, as_task
 
 
@@ -65,46 +64,13 @@ def probabilities(logits: torch.Tensor, target: Target) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def predicted_class(prob: torch.Tensor, target: Target) -> torch.Tensor:
-    """The class called: binary ``p >= 0.5``; K classes the most probable."""
-    return (prob[:, 1] >= 0.5).long() if target.binary else prob.argmax(dim=1)
-
-
-def _auc(prob: torch.Tensor, y: torch.Tensor) -> float:
-    """ROC AUC of scores ``prob`` for the positives ``y`` (MONAI's); NaN when one class is missing."""
-    if not 0 < int(y.sum()) < y.numel():
-        return float("nan")
-    metric = ROCAUCMetric()
-    metric(prob[:, None], y[:, None].float())
-    return float(metric.aggregate())
-
-
 def target_metrics(logits: torch.Tensor, truth: torch.Tensor, target: Target) -> dict[str, float]:
-    """One target's metrics over every (subject, region): logits ``(B, regions, L)``, class indices ``(B, regions)``."""
-    prob = probabilities(logits.reshape(-1, target.logits_per_region), target)
-    y = truth.reshape(-1).long()
-    pred = predicted_class(prob, target)
-    k = len(target.classes)
-    if target.binary:
-        cm = ConfusionMatrixMetric(metric_name=["sensitivity", "specificity", "accuracy", "f1 score"],
-                                   reduction="mean")
-        cm(pred[:, None].float(), y[:, None].float())
-        sens, spec, acc, f1 = (float(t.item()) for t in cm.aggregate())
-        recalls = [spec, sens]
-        out = {"accuracy": acc, "f1": f1, "sensitivity": sens, "specificity": spec,
-               "auc": _auc(prob[:, 1], y == 1)}
-    else:
-        recalls, f1s, aucs = [], [], []
-        for c in range(k):
-            tp = float(((pred == c) & (y == c)).sum())
-            recalls.append(tp / float((y == c).sum()) if (y == c).any() else float("nan"))
-            denominator = float((pred == c).sum() + (y == c).sum())
-            f1s.append(2 * tp / denominator if denominator else float("nan"))
-            aucs.append(_auc(prob[:, c], y == c))
-        out = {"accuracy": float((pred == y).float().mean()), "f1": float(np.nanmean(f1s)) if np.isfinite(f1s).any()
-               else float("nan"), "auc": float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")}
-    out["balanced_accuracy"] = float(np.mean([r if np.isfinite(r) else 0.0 for r in recalls]))
-    return out
+    """One target's registered metrics (:mod:`trainables.classification_metrics`) over every (subject, region):
+    logits ``(B, regions, L)``, class indices ``(B, regions)``."""
+    prob = probabilities(logits.reshape(-1, target.logits_per_region), target).numpy()[None]
+    y = truth.reshape(1, -1).long().numpy()
+    pred = called_class(prob)
+    return {m.name: float(m.fn(y, prob, pred)[0]) for m in applicable(len(target.classes))}
 
 
 def classification_metrics(cls_logits: torch.Tensor, truth: torch.Tensor, task: TaskSpec | None = None
@@ -119,8 +85,8 @@ def classification_metrics(cls_logits: torch.Tensor, truth: torch.Tensor, task: 
     out: dict[str, float] = {}
     for name, metrics in per.items():
         out.update({f"{name}_{k}": v for k, v in metrics.items()})
-    for key in ("accuracy", "balanced_accuracy", "auc", "f1"):
-        values = [m[key] for m in per.values() if np.isfinite(m[key])]
+    for key in dict.fromkeys(k for m in per.values() for k in m):
+        values = [m[key] for m in per.values() if key in m and np.isfinite(m[key])]
         out[key] = float(np.mean(values)) if values else float("nan")
     return out
 

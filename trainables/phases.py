@@ -2,7 +2,7 @@
 
 - ``search``: a trial Optuna suggested for its cell (ASHA may stop it early);
 - ``seeds``: a re-run of a cell's best configuration with a new seed (``--seeds``);
-- ``race``: a repeat of a contender's best configuration in a race (``study.racing``).
+- ``race``: a repeat of a contender's best configuration in a race (``study.evidence.racing``).
 
 The repeats (seeds, race) always run all their epochs and are not candidates for a cell's best trial.
 """

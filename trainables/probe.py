@@ -1,7 +1,7 @@
 """Measure what one training step of a (strategy, backbone) needs, before the study packs trials.
 
 Ray-free: the launcher runs :func:`probe_step_memory` as a one-GPU Ray task on the cluster and turns
-the peak into a fractional GPU share per cell (``study/resources.py``).
+the peak into a fractional GPU share per cell (``study/run/resources.py``).
 """
 
 from __future__ import annotations

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import yaml
 
+from trainables.classification_metrics import CLASSIFICATION_METRICS
 from trainables.errors import StudyInputError
 
 BUILTIN_FOLDER = Path(__file__).with_name("tasks")
 POOLINGS = ("volume", "halves")
-SCORE_METRICS = ("dice", "balanced_accuracy", "accuracy", "auc")  # what the statistics recompute from per-case rows
+SCORE_METRICS = ("dice", *CLASSIFICATION_METRICS.names())  # what the statistics recompute from per-case rows
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainables import shared
+from trainables import shared_storage
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.data import DataConfig, load_split, make_loader
 from trainables.engine import TrainConfig, fit
@@ -40,18 +40,18 @@ def _data_config(d: dict) -> DataConfig:
 
 def _local_data(data: DataConfig) -> DataConfig:
     """The data config on this node: a cohort in an object store is read from this node's downloaded copy."""
-    if not shared.is_remote(data.manifest):
+    if not shared_storage.is_remote(data.manifest):
         return data
     folder, name = data.manifest.rstrip("/").rsplit("/", 1)
-    return replace(data, manifest=str(shared.fetch_tree(folder) / name))
+    return replace(data, manifest=str(shared_storage.fetch_tree(folder) / name))
 
 
 
 
 @dataclass(frozen=True)
 class CellRef:
-    """Which cell a trial belongs to: its id (``study.grid.cell_id``) and coordinates. A pre-training trial
-    names its pre-training job (``study.grid.pretrain_id``) and has no strategy."""
+    """Which cell a trial belongs to: its id (``study.plan.grid.cell_id``) and coordinates. A pre-training trial
+    names its pre-training job (``study.plan.grid.pretrain_id``) and has no strategy."""
 
     id: str
     pretrain: str
@@ -193,12 +193,12 @@ def run_pretrain(spec: PretrainTrial, report: Report) -> dict:
             report({**metrics, "epoch": epoch}, None)
         epochs.append(metrics)
 
-    if shared.is_remote(spec.cache_dir):
+    if shared_storage.is_remote(spec.cache_dir):
         path, result = _remote_cached_pretrain(spec, loader, on_epoch)
     else:
         path, result = cached_pretrain(spec.cache_dir, spec.backbone, spec.pretrain, loader, spec.data_id,
                                        on_epoch=on_epoch)
-    final = dict(result.final) if result is not None else dict(load_meta(shared.fetch(path)).get("final", {}))
+    final = dict(result.final) if result is not None else dict(load_meta(shared_storage.fetch(path)).get("final", {}))
     final.update(checkpoint_path=str(path), cache_hit=float(result is None), epoch=spec.pretrain.epochs)
     report(final, None)
     return final
@@ -212,16 +212,16 @@ def _remote_cached_pretrain(spec: PretrainTrial, loader, on_epoch) -> tuple[str,
     ``body.pt`` and the training result (``None`` on a cache hit).
     """
     key = pretrain_key(spec.backbone, spec.pretrain, spec.data_id)
-    remote, mirror = shared.join(spec.cache_dir, key), shared.local_mirror(spec.cache_dir)
+    remote, mirror = shared_storage.join(spec.cache_dir, key), shared_storage.local_mirror(spec.cache_dir)
     names = ("body.pt", "meta.json")
-    if shared.exists(shared.join(remote, "meta.json")):
+    if shared_storage.exists(shared_storage.join(remote, "meta.json")):
         for name in names:
-            shared.get_file(shared.join(remote, name), mirror / key / name)
+            shared_storage.get_file(shared_storage.join(remote, name), mirror / key / name)
     path, result = cached_pretrain(mirror, spec.backbone, spec.pretrain, loader, spec.data_id, on_epoch=on_epoch)
     if result is not None:
         for name in names:
-            shared.put_file(path.parent / name, shared.join(remote, name))
-    return shared.join(remote, "body.pt"), result
+            shared_storage.put_file(path.parent / name, shared_storage.join(remote, name))
+    return shared_storage.join(remote, "body.pt"), result
 
 
 def initial_model(spec: FinetuneTrial) -> torch.nn.Module:
@@ -229,7 +229,7 @@ def initial_model(spec: FinetuneTrial) -> torch.nn.Module:
     torch.manual_seed(spec.train.seed)
     model = build_backbone(spec.backbone, spec.data.task_spec)
     if spec.pretrain_checkpoint:
-        local = shared.find(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
+        local = shared_storage.find(spec.pretrain_checkpoint)  # this node's copy when it lies in an object store
         if local is None:
             raise StudyInputError(f"pre-training checkpoint {spec.pretrain_checkpoint} does not exist")
         model.load_body(load_checkpoint(local))
@@ -278,7 +278,7 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
 
 def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
     """Save the trained parameters to ``output_dir/model.pt`` (uploaded when that is an object store)."""
-    remote = shared.is_remote(spec.output_dir)
+    remote = shared_storage.is_remote(spec.output_dir)
     folder = Path(tempfile.mkdtemp(prefix="model-")) if remote else Path(spec.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.pt"
@@ -293,7 +293,7 @@ def _save_model(model: torch.nn.Module, spec: FinetuneTrial) -> str:
     if not remote:
         return str(path)
     try:
-        return shared.put_file(path, shared.join(spec.output_dir, "model.pt"))
+        return shared_storage.put_file(path, shared_storage.join(spec.output_dir, "model.pt"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

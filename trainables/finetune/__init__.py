@@ -9,12 +9,15 @@ prefix): ``@register_strategy(name, ConfigClass, space=fn)``. A space is a defin
 and returns fields of the config; the training loop's own hyperparameters are
 ``search_spaces.finetune.train_space``. A new strategy is one file and one registration.
 
-Importing this package registers every strategy (``basic``, ``peft_methods``, ``adapter``, ``prompt``,
-``sidetune``, ``ssf``); ``storage`` saves and reloads what one task trained.
+Importing this package registers every strategy: it imports each of its modules (``basic``, ``peft_methods``,
+``adapter``, ``prompt``, ``sidetune``, ``ssf``, and any file added here); ``storage`` saves and reloads what one
+task trained.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -162,8 +165,11 @@ def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] 
         ) from err
 
 
-# Register every strategy (the modules above import this package's helpers).
-from trainables.finetune import adapter, basic, peft_methods, prompt, sidetune, ssf  # noqa: E402, F401
+# Register every strategy: import every module of this package (they import its helpers above), so a new
+# strategy is one new file here; ``basic`` (full, decoder, linear probe, ...) first, the others by name.
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "basic", m.name)):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 from trainables.finetune.storage import (  # noqa: E402
     load_finetuned,
     save_finetuned,

@@ -1,9 +1,9 @@
 """The baseline: no pre-training, the body keeps its random initialisation.
 
 The initialisation is the backbone's default (MONAI's layer initialisers; e.g. He et al., 2015 for
-convolutions), drawn after seeding, so the same seed gives the same "checkpoint". The loop skips
-training for it (``trains = False``) and still writes a checkpoint, so every cell of the grid
-fine-tunes from a checkpoint in the same way.
+convolutions), drawn after seeding, so the same seed gives the same network. It trains nothing
+(``trains = False``), so the study runs no pre-training job and writes no checkpoint for it: each
+fine-tuning trial of a ``none`` cell builds its own seeded initial network.
 """
 
 from __future__ import annotations

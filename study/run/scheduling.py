@@ -27,7 +27,6 @@ class PerCellASHA(FIFOScheduler):
     def __init__(self, metric: str = "score", mode: str = "max", max_t: int = 10, grace_period: int = 1,
                  reduction_factor: float = 2, time_attr: str = "epoch") -> None:
         super().__init__()
-        self.score_metric, self.score_mode = metric, mode
         self.kwargs = dict(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
                            reduction_factor=reduction_factor, brackets=1)
         self.cells: dict[str, AsyncHyperBandScheduler] = {}

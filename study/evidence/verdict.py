@@ -1,7 +1,7 @@
 """What the report says first: the verdict (the best cell, how sure, what it cannot be told apart from),
 and the source study's four findings tested on this study's data.
 
-The numbers come from :mod:`study.stats`; this module only words them. The four findings are those of
+The numbers come from :mod:`study.evidence.stats`; this module only words them. The four findings are those of
 the PCS study this tool grew from (arXiv 2405.19204): reconstruction and adversarial pre-training
 balance accuracy and cost; diffusion pre-training is the most resource-intensive; top-level tuning gives
 strong segmentation at low cost; LoRA is weaker on this small-region task.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from study.stats import Comparison
+from study.evidence.stats import Comparison
 
 SUPPORTED, CONTRADICTED, NOT_RESOLVED, NOT_TESTED = "supported", "contradicted", "not resolved", "not tested"
 

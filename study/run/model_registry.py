@@ -22,7 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trainables import shared
+from trainables import shared_storage
 from trainables.errors import StudyInputError
 
 ARTIFACT_DIR = "model"
@@ -47,11 +47,11 @@ def stage_model(model_path: str | Path, info: dict, folder: str | Path) -> Path:
     """Copy ``model.pt`` (+ its pre-training ``body.pt`` when small) and write ``model_info.json`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model_path = shared.fetch(model_path)  # this machine's copy when the study's storage is an object store
+    model_path = shared_storage.fetch(model_path)  # this machine's copy when the study's storage is an object store
     shutil.copyfile(model_path, folder / "model.pt")
     ref = pretrain_ref(model_path)
     info = {**info, "pretrain_ref": ref, "body_included": False}
-    body = shared.find(ref)
+    body = shared_storage.find(ref)
     if body is not None and body.stat().st_size <= MAX_BODY_BYTES:
         shutil.copyfile(body, folder / "body.pt")
         info["body_included"] = True
@@ -144,7 +144,7 @@ def load_model_folder(path: str | Path) -> tuple[torch.nn.Module, dict]:
     body = None
     if ref is not None:
         local = model_file.parent / "body.pt"
-        source = local if local.is_file() else shared.find(ref)
+        source = local if local.is_file() else shared_storage.find(ref)
         if source is None:
             raise StudyInputError(f"{model_file} needs its pre-training checkpoint {ref}, which does not exist")
         body = load_checkpoint(source)

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from study.provenance import code_version
+from study.run.provenance import code_version
 from trainables import metric_names
 from trainables.trials import parse_trial
 

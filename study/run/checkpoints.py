@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from study.grid import StudyPlan, pretrain_id
-from trainables import shared
+from study.plan.grid import StudyPlan, pretrain_id
+from trainables import shared_storage
 from trainables.atomic import atomic_write
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.pretrained import MIN_FRACTION, checkpoint_file, file_sha256, load_pretrained
@@ -54,16 +54,16 @@ def prepare_external(plan: StudyPlan, pretrain_cache: str, min_fraction: float =
 def _write(cache: str, key: str, body: dict, meta: dict) -> str:
     """``body.pt`` then ``meta.json`` (the completion marker) under ``cache/key``; an object store gets a
     local copy uploaded in the same order. Returns the path (or URI) of ``body.pt``."""
-    remote = shared.is_remote(cache)
-    folder = (shared.local_mirror(cache) if remote else Path(cache)) / key
+    remote = shared_storage.is_remote(cache)
+    folder = (shared_storage.local_mirror(cache) if remote else Path(cache)) / key
     if not (folder / "meta.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "body.pt", lambda p: torch.save(body, p))
         atomic_write(folder / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     if not remote:
         return str(folder / "body.pt")
-    target = shared.join(cache, key)
-    if not shared.exists(shared.join(target, "meta.json")):
+    target = shared_storage.join(cache, key)
+    if not shared_storage.exists(shared_storage.join(target, "meta.json")):
         for name in ("body.pt", "meta.json"):
-            shared.put_file(folder / name, shared.join(target, name))
-    return shared.join(target, "body.pt")
+            shared_storage.put_file(folder / name, shared_storage.join(target, name))
+    return shared_storage.join(target, "body.pt")

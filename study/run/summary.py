@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from study.grid import StudyPlan
-from study.tracking import StudyTracker, open_ui_command
+from study.plan.grid import StudyPlan
+from study.run.tracking import StudyTracker, open_ui_command
 from trainables.metric_names import FINAL_METRICS
 from trainables.phases import best_run_per_cell
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from study.grid import BUDGETS, DEFAULT_BACKBONE, Cell, StudyPlan
+from study.plan.grid import BUDGETS, DEFAULT_BACKBONE, Cell, StudyPlan
 from trainables.atomic import atomic_write_text
 from trainables.engine import TrainConfig
 from trainables.errors import StudyInputError

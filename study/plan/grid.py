@@ -94,7 +94,7 @@ class StudyPlan:
         grace_period: epochs every fine-tuning trial runs before ASHA may stop it.
         seeds: after a cell's search, re-run its best configuration with this many new seeds (0 = no);
             uniform repeats for every cell, instead of a race.
-        race: after the search, race the cells that can still be the best (:mod:`study.racing`): re-run
+        race: after the search, race the cells that can still be the best (:mod:`study.evidence.racing`): re-run
             their best configurations a seed at a time and drop each as soon as it is shown worse.
         race_trials: the race's budget in repeats (0: no limit on repeats).
         race_minutes: the race's budget in minutes (0: no limit on time). With both 0 there is no race.
@@ -137,7 +137,7 @@ class StudyPlan:
         self.pretrained = check_pretrained(self.pretrained)
         self.label_fractions = check_fractions(self.label_fractions)
         if self.splits:
-            from study.cohort import check_splits
+            from trainables.data import check_splits
 
             self.splits = check_splits(self.splits)
             self.subjects = sum(self.splits.values())
@@ -323,7 +323,7 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
         raise StudyInputError(f"--grid {grid} is a folder, not a file; give a grid FILE.yaml (such as a report's "
                               f"best_configs.yaml) or a preset: {', '.join(GRIDS)}")
     if grid.endswith((".yaml", ".yml")):
-        from study.grid_file import load_grid_file
+        from study.plan.grid_file import load_grid_file
 
         plan = load_grid_file(grid)
         if budget is not None:

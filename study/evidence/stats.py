@@ -8,10 +8,10 @@ per subject, classification target and region with ``dice``, ``truth`` and the c
 spec (:mod:`trainables.task`) says which rows make a subject and how the score weighs the metrics:
 
 - ``dice``: mean Dice over the (subject, region) cases;
-- ``auc``: per target the ROC AUC of the probabilities against ``truth`` (Mann-Whitney U / (n1 n0), ties
-  counted half; K classes: the mean one-vs-rest AUC over the classes it is defined for), averaged over targets;
-- ``balanced_accuracy`` and ``accuracy`` of the called class (binary: ``p >= 0.5``; K classes: the most
-  probable), a class absent from the truth counting 0 in the balanced accuracy;
+- the classification metrics (``auc``, ``balanced_accuracy``, ``accuracy``, ...): the registered functions of
+  :mod:`trainables.classification_metrics`, the very ones the training loop logs, applied to every resample
+  at once and averaged over the task's targets (``auc``: Mann-Whitney U / (n1 n0), ties counted half; K
+  classes: the mean one-vs-rest AUC over the classes it is defined for);
 - ``score``: the task's selection score on the test split (the PCS task: ``(dice + balanced accuracy) / 2``;
   ``TaskSpec.score_of``, a missing part counting 0).
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as scipy_stats
 
+from trainables.classification_metrics import CLASSIFICATION_METRICS, called_class
 from trainables.task import TaskSpec, as_task
 
 METRICS = ("score", "dice", "auc")
@@ -108,64 +109,36 @@ def _called(c: Cases, idx: np.ndarray):
         k = len(t.classes)
         y = c.truth[idx][:, :, columns].reshape(idx.shape[0], -1)
         p = c.probability[idx][:, :, columns, :k].reshape(idx.shape[0], -1, k)
-        pred = (p[..., 1] >= 0.5).astype(int) if t.binary else p.argmax(axis=-1)
-        yield t, np.rint(y).astype(int), p, pred
+        yield t, np.rint(y).astype(int), p, called_class(p)
 
 
-def _mean_over_targets(values: list[np.ndarray], n: int) -> np.ndarray:
-    if not values:
-        return np.full(n, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(values), axis=0)
+def classification_statistic(name: str):
+    """The registered classification metric ``name`` (:mod:`trainables.classification_metrics`) per resample,
+    averaged over the task's targets it applies to; NaN where it is undefined."""
+    metric = CLASSIFICATION_METRICS.get(name)
+
+    def statistic(c: Cases, idx: np.ndarray) -> np.ndarray:
+        values = [metric.fn(y, p, pred) for t, y, p, pred in _called(c, idx) if len(t.classes) == 2
+                  or not metric.binary_only]
+        if not values:
+            return np.full(idx.shape[0], np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.stack(values), axis=0)
+
+    return statistic
 
 
-def balanced_accuracy_of(c: Cases, idx: np.ndarray) -> np.ndarray:
-    """Mean recall over each target's classes (a class absent from a resample's truth counts 0)."""
-    out = []
-    for t, y, _, pred in _called(c, idx):
-        recalls = []
-        for k in range(len(t.classes)):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                recall = ((pred == k) & (y == k)).sum(1) / (y == k).sum(1)
-            recalls.append(np.nan_to_num(recall, nan=0.0))
-        out.append(np.mean(recalls, axis=0))
-    return _mean_over_targets(out, idx.shape[0])
-
-
-def accuracy_of(c: Cases, idx: np.ndarray) -> np.ndarray:
-    return _mean_over_targets([(pred == y).mean(axis=1) for _, y, _, pred in _called(c, idx)], idx.shape[0])
-
-
-def _rank_auc(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """ROC AUC per row from ranks (the Mann-Whitney statistic); NaN where a row has one class."""
-    ranks = scipy_stats.rankdata(p, axis=1)
-    n1 = y.sum(1)
-    n0 = y.shape[1] - n1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = ((ranks * y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
-
-
-def auc_of(c: Cases, idx: np.ndarray) -> np.ndarray:
-    """Per target the ROC AUC (K classes: the mean one-vs-rest AUC over the classes defined in the resample),
-    averaged over targets; NaN where a resample has one class."""
-    out = []
-    for t, y, p, _ in _called(c, idx):
-        if t.binary:
-            out.append(_rank_auc(p[..., 1], y == 1))
-        else:
-            out.append(_mean_over_targets([_rank_auc(p[..., k], y == k) for k in range(len(t.classes))],
-                                          idx.shape[0]))
-    return _mean_over_targets(out, idx.shape[0])
-
-
-_PARTS = {"dice": dice_of, "balanced_accuracy": balanced_accuracy_of, "accuracy": accuracy_of, "auc": auc_of}
+balanced_accuracy_of = classification_statistic("balanced_accuracy")
+accuracy_of = classification_statistic("accuracy")
+auc_of = classification_statistic("auc")
 
 
 def score_of(c: Cases, idx: np.ndarray) -> np.ndarray:
     """The task's selection score per resample (``TaskSpec.score_of`` over resamples; a NaN part counts 0)."""
-    return sum(weight * np.nan_to_num(_PARTS[metric](c, idx), nan=0.0) for metric, weight in c.task.score)
+    parts = {"dice": dice_of}
+    return sum(weight * np.nan_to_num((parts.get(metric) or classification_statistic(metric))(c, idx), nan=0.0)
+               for metric, weight in c.task.score)
 
 
 STATISTICS = {"score": score_of, "dice": dice_of, "auc": auc_of}

@@ -27,11 +27,11 @@ re-runs only the contenders instead:
 
 The p-value is the normal test of the paired difference: ``2 * Phi(-|d| / se)`` with ``d`` the
 difference of the point estimates and ``se^2`` the variance of its bootstrap resamples over test subjects
-(:func:`study.stats.compare` with every run of a cell in every resample) plus ``s^2 (1/k_best + 1/k_cell)``,
+(:func:`study.evidence.stats.compare` with every run of a cell in every resample) plus ``s^2 (1/k_best + 1/k_cell)``,
 ``s`` the pooled between-run standard deviation and ``k`` each cell's runs. Its interval is ``d +- 1.96 se``. A p-value read off the resamples' signs alone
 could not go below ``1 / resamples``, too coarse for Holm over tens of cells.
 
-This module knows nothing of Ray or MLflow: the searcher (:mod:`study.searcher`) feeds it the per-case
+This module knows nothing of Ray or MLflow: the searcher (:mod:`study.run.searcher`) feeds it the per-case
 rows of finished trials and asks it which cells to re-run; the report reads the race's record
 (``race.json``).
 """
@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as scipy_stats
 
-from study.stats import RESAMPLES, Cases, compare, holm, interval, score_of
-from trainables.atomic import atomic_write_text
+from study.evidence.stats import RESAMPLES, Cases, compare, holm, interval, score_of
+from trainables.atomic import atomic_write_text, strict_json
 
 ALPHA = 0.05
 MIN_SUBJECTS = 10  # fewer test subjects: the bootstrap cannot support an elimination; nothing is eliminated
@@ -155,7 +155,6 @@ class Race:
     alive: list[str] = field(default_factory=list)
     best: str | None = None
     runs: dict[str, list[list[dict]]] = field(default_factory=dict)  # cell -> per-case rows of each run
-    run_rounds: dict[str, list[int]] = field(default_factory=dict)  # cell -> the round of each run (0: search)
     rounds: list[dict] = field(default_factory=list)  # per finished round: cells, best, evidence
     eliminated: dict[str, dict] = field(default_factory=dict)  # cell -> {round, difference, ci, p, holm_p}
     queue: list[str] = field(default_factory=list)  # cells of the current round not yet suggested
@@ -184,7 +183,6 @@ class Race:
     def start(self, best_rows: dict[str, list[dict] | None]) -> None:
         """Round 0: every cell's best search run (``None``: a cell without per-case results)."""
         self.runs = {cell: [rows] for cell, rows in best_rows.items() if rows}
-        self.run_rounds = {cell: [0] for cell in self.runs}
         for cell, rows in best_rows.items():
             if not rows:
                 self.eliminated[cell] = {"round": 0, "reason": "no finished search trial with per-case test results"}
@@ -207,7 +205,6 @@ class Race:
             self.waiting_for.remove(cell)
         if rows:
             self.runs.setdefault(cell, []).append(rows)
-            self.run_rounds.setdefault(cell, []).append(self.round)
         else:
             self.failed.append({"cell": cell, "round": self.round, "reason": reason or "the repeat failed"})
             if sum(f["cell"] == cell for f in self.failed) >= MAX_FAILED_REPEATS and cell in self.alive:
@@ -255,13 +252,12 @@ class Race:
 
     # -- the record ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "run_rounds", "_tick", "queue", "_round_size")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue", "_round_size")}
         d["repeats"] = {cell: len(runs) - 1 for cell, runs in self.runs.items()}
         return d
 
     def write(self, path: str | Path) -> None:
         """``race.json``: the race's record for the report (strict JSON: NaN written as null)."""
-        from study.report import strict_json
 
         atomic_write_text(Path(path), strict_json(self.to_dict()))
 

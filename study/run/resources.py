@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from study.grid import StudyPlan
+from study.plan.grid import StudyPlan
 from trainables.errors import StudyInputError
 
 HEADROOM = 1.3  # allocator fragmentation, cuDNN workspaces, the CUDA context

@@ -19,8 +19,8 @@ import optuna
 from ray.tune.search import Searcher
 
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
-from study.grid import Cell, StudyPlan, pretrain_id
-from study.racing import Race
+from study.evidence.racing import Race
+from study.plan.grid import Cell, StudyPlan, pretrain_id
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
@@ -57,7 +57,7 @@ def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, di
 
 def _case_rows(result: dict) -> list | None:
     """The per-case test rows a fine-tuning trial reports (a JSON text under ``test_cases``), or None."""
-    from study.tracking import TEST_CASES
+    from study.run.tracking import TEST_CASES
 
     cases = result.get(TEST_CASES)
     if isinstance(cases, str):
@@ -100,12 +100,12 @@ class StudySearcher(Searcher):
         make_pretrain: ``(method, backbone) -> trial config`` for a pre-training job.
         make_finetune: ``(cell, checkpoint, train params, strategy params, seed, phase) -> trial config``;
             ``phase`` is ``search``, ``seeds`` (a re-run of the cell's best configuration) or ``race`` (a
-            repeat of a race round, :mod:`study.racing`; its config also carries ``race_round``).
+            repeat of a race round, :mod:`study.evidence.racing`; its config also carries ``race_round``).
         output: the study's output folder (holds the Optuna journal unless ``storage_url`` is given).
         storage_url: an Optuna RDB URL for the per-cell studies.
         study_name: prefix of the Optuna study names.
         race_file: where the race's record is written as it goes (``race.json`` in the study folder).
-        external: ``"NAME__BACKBONE" -> body.pt`` of the plan's external checkpoints (:mod:`study.checkpoints`).
+        external: ``"NAME__BACKBONE" -> body.pt`` of the plan's external checkpoints (:mod:`study.run.checkpoints`).
     """
 
     def __init__(
@@ -243,10 +243,6 @@ class StudySearcher(Searcher):
         path = RACE_RECORD.get("path") or self.race_file  # the launcher's: a resumed study may have moved
         if self.state.race is not None and path:
             self.state.race.write(path)
-
-    def is_finished(self) -> bool:
-        """Every trial of the study has been suggested and has ended."""
-        return self._finished()
 
     def _finished(self) -> bool:
         st = self.state

@@ -1,0 +1,1 @@
+"""The plan: what a study is (cells, budgets, grid files). Imports the core (``trainables``) only."""
