@@ -166,7 +166,13 @@ class FinetuneTrial:
 
     def ran_all_epochs(self, last: dict) -> bool:
         """Whether the trial's last result is its last planned epoch (False: ASHA stopped it early)."""
-        return int(last.get("epoch", self.epochs)) >= self.epochs
+        return ran_all_epochs(last, self.epochs)
+
+
+def ran_all_epochs(last: dict, planned: int) -> bool:
+    """Whether a fine-tuning trial whose last result is ``last`` ran all its ``planned`` epochs (the one rule:
+    the searcher, the tracking, the progress and the launcher's count all ask it)."""
+    return int(last.get("epoch", planned)) >= planned
 
 
 TrialSpec = PretrainTrial | FinetuneTrial

@@ -24,6 +24,7 @@ from study.plan.grid import Cell, StudyPlan, pretrain_id
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
+from trainables.trials import ran_all_epochs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Where this driver writes the race's record (set by the launcher for a new and a resumed study alike: the
@@ -279,7 +280,7 @@ class StudySearcher(Searcher):
         asked = st.asked.pop(trial_id, ({}, {}))
         if error or not result or self.score_metric not in result:
             state, value = optuna.trial.TrialState.FAIL, None
-        elif result.get("epoch", 0) < self.plan.finetune_epochs:  # stopped early by the scheduler
+        elif not ran_all_epochs({"epoch": 0, **result}, self.plan.finetune_epochs):  # stopped early by ASHA
             state, value = optuna.trial.TrialState.PRUNED, None
         else:
             state, value = optuna.trial.TrialState.COMPLETE, float(result[self.score_metric])
