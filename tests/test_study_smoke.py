@@ -122,7 +122,7 @@ def test_top_and_lora_trained_only_what_they_should(smoke_study) -> None:
 
 
 def test_every_finetuning_run_has_its_per_case_table_and_it_recomputes_the_test_metrics(smoke_study) -> None:
-    """``test_cases.json`` (an MLflow table): one row per test subject and hemisphere; the test Dice, AUC and
+    """``test_cases.json`` (an MLflow table): one row per test subject and hemisphere (region); the test Dice, AUC and
     score recomputed from it, independently of the trial's code, equal the logged metrics."""
     from sklearn.metrics import roc_auc_score
 
@@ -134,7 +134,7 @@ def test_every_finetuning_run_has_its_per_case_table_and_it_recomputes_the_test_
         table = json.loads(open(path).read())
         rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
         test_subjects = {r["subject_id"] for r in rows}
-        assert len(rows) == 2 * len(test_subjects) and {r["hemisphere"] for r in rows} == {"left", "right"}
+        assert len(rows) == 2 * len(test_subjects) and {r["region"] for r in rows} == {"left", "right"}
         m = run.data.metrics
         dice = sum(r["dice"] for r in rows) / len(rows)
         assert dice == pytest.approx(m["test_dice"], abs=1e-6), run.data.tags["cell"]
