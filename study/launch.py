@@ -569,16 +569,19 @@ class StudyInterrupted(Exception):
 
 
 def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
-    """Trials the finished study has: the plan's, less the cells whose pre-training failed, plus the
-    race's repeats."""
+    """Trials the finished study has: the plan's, less the cells whose pre-training failed and the
+    distillation cells whose teacher cell has no finished trial, plus the race's repeats."""
     from trainables.trials import parse_trial
 
     specs = [(r, parse_trial(r.config)) for r in results if r.config]
     failed = {s.cell.id for r, s in specs if r.error and s.stage == "pretrain"}
-    skipped = sum(plan.samples(c) + plan.seeds for c in plan.cells if c.pretrain_id in failed)
+    finished = {s.cell.id for r, s in specs if not r.error and s.stage == "finetune" and s.phase == "search"
+                and s.ran_all_epochs(r.metrics or {})}
+    skipped_cells = [c for c in plan.cells if c.pretrain_id in failed
+                     or (c.teacher_id is not None and c.teacher_id not in finished)]
+    skipped = sum(plan.samples(c) + plan.seeds for c in skipped_cells)
     if plan.seeds:  # a cell none of whose search trials finished has no best configuration to re-run
-        ok = {s.cell.id for r, s in specs if not r.error and s.phase == "search" and s.ran_all_epochs(r.metrics or {})}
-        skipped += sum(plan.seeds for c in plan.cells if c.pretrain_id not in failed and c.id not in ok)
+        skipped += sum(plan.seeds for c in plan.cells if c not in skipped_cells and c.id not in finished)
     return plan.total_trials() - skipped + int((race or {}).get("trials_used", 0))
 
 

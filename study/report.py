@@ -443,7 +443,47 @@ def summary(study: Study) -> dict:
                         "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
             "claims": claims(comparison, study.cells, study.pretrain_runs),
             "race": race_summary(study, comparison),
+            "remapping": remapping_summary(study, comparison),
             "cells": cells, "failed": study.failed}
+
+
+REMAPPING_STRATEGY, TWIN_STRATEGY = "distill", "student"
+
+
+def remapping_summary(study: Study, comparison) -> list[dict]:
+    """Per distillation cell: the student, its teacher cell and its label-only twin (``none__student``), each with
+    its test score and interval, the paired difference from the teacher, its size, storage, time and memory:
+    what remapping buys (a smaller, faster model) and what it costs (accuracy)."""
+    from study.evidence.stats import interval
+    from study.plan.grid import DEFAULT_TEACHER_STRATEGY, cell_id
+
+    by_id = {c.id: c for c in study.cells}
+    named = {cell_id(c["pretrain"], c["strategy"], c["backbone"], float(c.get("fraction", 1.0))): c.get("teacher")
+             for c in study.plan.get("cells", [])}
+    out = []
+    for c in study.cells:
+        if c.strategy != REMAPPING_STRATEGY or c.best is None:
+            continue
+        teacher = named.get(c.id) or cell_id(c.pretrain, DEFAULT_TEACHER_STRATEGY, c.backbone, c.fraction)
+        twin = cell_id("none", TWIN_STRATEGY, c.backbone, c.fraction)
+        rows = []
+        for role, cid in (("student (distilled)", c.id), ("teacher", teacher), ("twin (labels only)", twin)):
+            cell, stat = by_id.get(cid), comparison.cells.get(cid)
+            if cell is None or cell.best is None:
+                continue
+            m = cell.best.data.metrics
+            row = {"role": role, "cell": cid, "test_score": stat.estimate["score"] if stat else m.get("test_score"),
+                   "ci": list(stat.ci["score"]) if stat else None,
+                   "params": m.get("student_total_params", m.get("total_params")),
+                   "task_storage_bytes": m.get("task_storage_bytes"), "time_per_epoch_s": m.get("time_per_epoch_s"),
+                   "peak_memory_mb": m.get("peak_memory_mb")}
+            if cid != c.id and c.id in comparison.samples and cid in comparison.samples:
+                diff = comparison.samples[c.id]["score"] - comparison.samples[cid]["score"]
+                row["student_minus_this"] = {"difference": comparison.cells[c.id].estimate["score"] - stat.estimate["score"],
+                                             "ci": list(interval(diff, comparison.confidence))}
+            rows.append(row)
+        out.append({"cell": c.id, "teacher": teacher, "twin": twin, "rows": rows})
+    return out
 
 
 def race_summary(study: Study, comparison) -> dict | None:

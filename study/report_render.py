@@ -137,6 +137,35 @@ def _race_lines(race: dict) -> list[str]:
     return lines
 
 
+_REMAP_HEAD = ["model", "cell", "test score [95% CI]", "student − this [95% CI]", "parameters", "storage", "s/epoch",
+               "peak MB"]
+
+
+def _remap_rows(data: dict) -> list[list[str]]:
+    """One row per model of each distillation cell: the student, its teacher and its label-only twin."""
+    def num(x: object, fmt: str) -> str:
+        return fmt.format(x) if _is_number(x) else "–"
+
+    rows = []
+    for entry in data.get("remapping") or []:
+        for r in entry["rows"]:
+            ci = r.get("ci") or [None, None]
+            score = (f"{r['test_score']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if _is_number(ci[0]) and _is_number(ci[1])
+                     else num(r.get("test_score"), "{:.3f}"))
+            d = r.get("student_minus_this")
+            diff = (f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d and _is_number(d["ci"][0])
+                    else "–")
+            storage = r.get("task_storage_bytes")
+            rows.append([r["role"], r["cell"], score, diff, num(r.get("params"), "{:,.0f}"),
+                         f"{storage / 2**20:.2f} MB" if _is_number(storage) else "–",
+                         num(r.get("time_per_epoch_s"), "{:.2f}"), num(r.get("peak_memory_mb"), "{:.0f}")])
+    return rows
+
+
+_REMAP_TEXT = ("Remapping (distillation): each distilled student next to the teacher it learned from and its twin "
+               "trained on the labels alone; the difference is paired over the test subjects.")
+
+
 def _claim_rows(data: dict) -> list[list[str]]:
     return [[c["claim"], c["status"], c["evidence"]] for c in data["claims"]]
 
@@ -160,6 +189,9 @@ def render_markdown(study: Study, data: dict, figures: list[tuple[str, Path]], i
     if data.get("race"):
         md += ["## The race", "", *(line + "\n" for line in _race_lines(data["race"]))]
         md += _md_table(_RACE_HEAD, _race_rows(data["race"]))
+    if data.get("remapping"):
+        md += ["## Remapping: distillation into a smaller student", "", _REMAP_TEXT, ""]
+        md += _md_table(_REMAP_HEAD, _remap_rows(data))
     md += ["## The source study's findings, tested", ""]
     md += _md_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data))
     md += ["## The study", "", *(f"- {line}" for line in _heading(study)), ""]
@@ -213,6 +245,9 @@ def render_html(study: Study, data: dict, figures: list[tuple[str, Path]], impor
              *(['<section id="race"><h2>The race</h2>'
                 + "".join(f"<p>{html.escape(x)}</p>" for x in _race_lines(data["race"]))
                 + _html_table(_RACE_HEAD, _race_rows(data["race"])) + "</section>"] if data.get("race") else []),
+             *(['<section id="remapping"><h2>Remapping: distillation into a smaller student</h2>'
+                f"<p>{html.escape(_REMAP_TEXT)}</p>" + _html_table(_REMAP_HEAD, _remap_rows(data)) + "</section>"]
+               if data.get("remapping") else []),
              "<h2>The source study's findings, tested</h2>"
              + _html_table(["finding (arXiv 2405.19204)", "here", "evidence"], _claim_rows(data)),
              "<h2>The study</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _heading(study)) + "</ul>",

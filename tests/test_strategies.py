@@ -1,7 +1,5 @@
-"""Every fine-tuning strategy x every backbone, generated from the registries (tiny models, CPU).
-
-UNet runs at 32^3: at 16^3 its bottleneck is one voxel, which instance norm refuses in training mode.
-"""
+"""Every fine-tuning strategy x every backbone, generated from the registries (tiny models, CPU; each backbone's
+size from its registered constraints)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,14 @@ import optuna
 import pytest
 import torch
 
-from trainables.backbones import BACKBONES, BackboneConfig, MultiTaskNet, build_backbone, count_parameters
+from trainables.backbones import (
+    BACKBONES,
+    BackboneConfig,
+    MultiTaskNet,
+    backbone_info,
+    build_backbone,
+    count_parameters,
+)
 from trainables.engine import MultiTaskLoss, TrainConfig, make_optimizer
 from trainables.errors import StudyInputError
 from trainables.finetune import (
@@ -24,9 +29,9 @@ from trainables.finetune import (
     task_storage_bytes,
     trainable_state_dict,
 )
+from trainables.finetune.distill import DistillStudent
 
 torch.set_num_threads(2)
-SIZES = {"unet": (8, 16), "segresnet": (8, 16), "swinunetr": (12, 32)}  # backbone -> (width, side)
 CASES = [(s, b) for s in STRATEGIES.names() for b in BACKBONES.names()]
 # Strategies whose inserted modules start as the identity: the model's function is unchanged by apply.
 IDENTITY_AT_START = {
@@ -48,7 +53,9 @@ ZERO_INIT_PAIRS = {"lora", "adapter"}
 
 
 def _size(backbone: str) -> tuple[int, int]:
-    return SIZES.get(backbone, (12, 32))
+    """(width, input side) of a tiny model of ``backbone``, from its registered constraints."""
+    info = backbone_info(backbone)
+    return max(8, info.width_step), max(16, info.input_multiple)
 
 
 @functools.cache
@@ -134,6 +141,10 @@ BAD = {
     "prompt_shallow": {"prompt_size": 0},
     "prompt_deep": {"prompt_size": 1.5},
     "sidetune": {"alpha_init": 1.0},
+    "distill": {"temperature": 0.0},
+    "student": {"student_width": 2.0},
+    "lp_ft": {"switch_fraction": 1.0},
+    "gradual": {"warmup_epochs": -1},
 }
 
 
@@ -181,6 +192,10 @@ def _promised(strategy: str, model: MultiTaskNet, name: str) -> bool:
         "prompt_deep": lambda: name.endswith(".prompt.pattern"),
         "sidetune": lambda: name.startswith("side."),
         "ssf": lambda: name.endswith((".scale", ".shift")),
+        "distill": lambda: name.startswith("student."),  # a new, smaller network: all of it trains
+        "student": lambda: name.startswith("student."),
+        "lp_ft": lambda: True,  # the stored task: everything (the first phase's freezing is the schedule's)
+        "gradual": lambda: True,
     }
     if strategy not in rules:
         pytest.fail(f"strategy {strategy!r} is registered: add its trainable-parameter rule to _promised")
@@ -190,9 +205,11 @@ def _promised(strategy: str, model: MultiTaskNet, name: str) -> bool:
 @pytest.mark.parametrize(("strategy", "backbone"), CASES)
 def test_trainable_set_is_what_the_strategy_promises(strategy, backbone):
     model = _fresh(strategy, backbone)
-    heads = {f"{h}.{n}" for h, m in model.heads() for n, _ in m.named_parameters()}
+    net = model.student if isinstance(model, DistillStudent) else model  # a distillation student's own network
+    prefix = "student." if net is not model else ""
+    heads = {f"{prefix}{h}.{n}" for h, m in net.heads() for n, _ in m.named_parameters()}
     for name, p in model.named_parameters():
-        expected = name in heads or _promised(strategy, model, name)
+        expected = name in heads or _promised(strategy, net, name)
         assert p.requires_grad == expected, f"{name}: requires_grad={p.requires_grad}"
     if strategy == "mlp":  # k hidden layers + the output layer
         k = STRATEGIES.get("mlp").make_config().hidden_layers

@@ -224,9 +224,16 @@ class MultiTaskLoss(nn.Module):
         return torch.stack(losses).mean()
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The task's loss; a model may add its own term: ``out["aux_loss"]`` (e.g. distillation from a
+        teacher) is added, and ``out["task_weight"]`` (default 1) weighs the task's loss against it."""
         seg = self.seg(out["seg"], batch["label"])
         cls = self.classification(out["cls"], batch["cls"])
-        return {"loss": self.seg_weight * seg + self.cls_weight * cls, "seg_loss": seg, "cls_loss": cls}
+        losses = {"seg_loss": seg, "cls_loss": cls}
+        loss = self.seg_weight * seg + self.cls_weight * cls
+        if "aux_loss" in out:
+            losses["aux_loss"] = out["aux_loss"]
+            loss = float(out.get("task_weight", 1.0)) * loss + out["aux_loss"]
+        return {"loss": loss, **losses}
 
 
 def synthetic_batch(task: TaskSpec, batch_size: int, input_size: tuple[int, int, int], device: torch.device | str
@@ -336,6 +343,34 @@ def evaluate_cases(model: nn.Module, loader: Iterable[dict], device: torch.devic
 
 
 @dataclass
+class Schedule:
+    """A staged strategy's two phases (LP-FT, gradual unfreezing): ``first`` sets what trains in epochs
+    ``1..switch_epoch``, ``second`` what trains after; the learning rates ramp up linearly over
+    ``warmup_epochs`` after the switch (epoch ``switch + i`` at ``i / (warmup_epochs + 1)`` of each rate, from
+    ``switch + warmup_epochs + 1`` at the full rate). The optimiser holds every parameter of either phase from
+    the start (a frozen parameter has no gradient, so AdamW leaves it and its state alone), so a checkpoint
+    taken in either phase resumes with the same optimiser."""
+
+    switch_epoch: int
+    first: Callable[[nn.Module], None]
+    second: Callable[[nn.Module], None]
+    warmup_epochs: int = 1
+
+    def phase(self, epoch: int) -> int:
+        return 1 if epoch <= self.switch_epoch else 2
+
+    def enter(self, model: nn.Module, epoch: int) -> None:
+        """Set what trains in ``epoch``'s phase."""
+        (self.first if self.phase(epoch) == 1 else self.second)(model)
+
+    def lr_scale(self, epoch: int) -> float:
+        after = epoch - self.switch_epoch
+        if after <= 0 or self.warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, after / (self.warmup_epochs + 1))
+
+
+@dataclass
 class FitResult:
     history: list[dict[str, float]]
     final: dict[str, float]
@@ -351,6 +386,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
     task: TaskSpec | None = None,
+    schedule: Schedule | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` for ``cfg.epochs`` epochs, validating after each.
 
@@ -361,7 +397,10 @@ def fit(
     continues after its epoch. After the last epoch the model is given the weights of its epoch with the
     best validation score (``best_epoch``; the last report's ``score`` is that epoch's), then the test split
     (if given) is evaluated once: ``test_*`` metrics and ``test_cases``, one row per subject, target and
-    region. ``task`` (default: the PCS task) defines the loss, the metrics and the score.
+    region. ``task`` (default: the PCS task) defines the loss, the metrics and the score. ``schedule``: a
+    staged strategy's phases (:class:`Schedule`); the model arrives with its second phase's parameters
+    trainable, each epoch then trains its phase's, and the time, the memory and the trainable count are
+    reported per phase (``phase1_*``, ``phase2_*``) besides the whole (memory: the larger phase's).
     """
     task = as_task(task)
     if cfg.num_threads:
@@ -370,9 +409,16 @@ def fit(
     device = resolve_device(cfg.device)
     model.to(device)
     memory = PeakMemory(device).reset()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)  # every parameter that trains in any phase
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight, task).to(device)
     trainable, total = count_parameters(model)
+    phase_trainable: dict[int, int] = {}
+    if schedule is not None:
+        for phase_epoch in (1, schedule.switch_epoch + 1):
+            schedule.enter(model, phase_epoch)
+            phase_trainable[schedule.phase(phase_epoch)] = count_parameters(model)[0]
     history: list[dict[str, float]] = []
     first_epoch, elapsed_before = 1, 0.0
     if resume is not None:
@@ -388,22 +434,45 @@ def fit(
         best = dict(resume["best"])
 
     def state() -> dict:
-        trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+        trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if id(v) in optimised}
         return {"trained": trained, "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
                 "history": list(history), "best": best}
 
     start = time.perf_counter() - elapsed_before
-    tensor_peak: float | None = None  # CPU: measured on the first training step of this run of the loop
+    # CPU: the peak tensor memory of the first training step of each phase in this run of the loop
+    tensor_peaks: dict[int, float] = {}
+    phase_seconds: dict[int, list[float]] = {}
+    for row in history:  # a resumed trial keeps the phase times and memory it measured before
+        if "phase" in row:
+            phase_seconds.setdefault(int(row["phase"]), []).append(row["epoch_time_s"])
+            tensor_peaks.update({p: row[f"phase{p}_peak_memory_mb"] for p in (1, 2) if f"phase{p}_peak_memory_mb" in row})
     try:  # the sampler thread must stop however the loop ends (an error, Tune stopping the trial)
         for epoch in range(first_epoch, cfg.epochs + 1):
+            phase = 1
+            if schedule is not None:
+                schedule.enter(model, epoch)
+                phase = schedule.phase(epoch)
+                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr * schedule.lr_scale(epoch)
             row = train_epoch(model, train_loader, optimizer, loss_fn, device,
-                              measure_memory=device.type == "cpu" and tensor_peak is None)
-            tensor_peak = row.pop("tensor_peak_mb", tensor_peak)
+                              measure_memory=device.type == "cpu" and phase not in tensor_peaks)
+            if "tensor_peak_mb" in row:
+                tensor_peaks[phase] = row.pop("tensor_peak_mb")
+            tensor_peak = max(tensor_peaks.values()) if tensor_peaks else None
+            phase_seconds.setdefault(phase, []).append(row["epoch_time_s"])
             val = evaluate(model, val_loader, device, spacing_mm, task)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["score"] = val["score"]
-            if val["score"] > best["score"]:  # what training changes: trained parameters and buffers
-                changing = {n for n, p in model.named_parameters() if p.requires_grad}
+            if schedule is not None:
+                row.update(phase=phase, switch_epoch=schedule.switch_epoch, lr_scale=schedule.lr_scale(epoch))
+                for p, seconds in phase_seconds.items():
+                    row[f"phase{p}_time_per_epoch_s"] = sum(seconds) / len(seconds)
+                for p, count in phase_trainable.items():
+                    row[f"phase{p}_trainable_params"] = count
+                for p, peak in tensor_peaks.items():
+                    row[f"phase{p}_peak_memory_mb"] = peak
+            if val["score"] > best["score"]:  # what training changes: the optimised parameters and buffers
+                changing = {n for n, p in model.named_parameters() if id(p) in optimised}
                 changing |= {n for n, _ in model.named_buffers()}
                 best = {"score": val["score"], "epoch": epoch,
                         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in changing}}

@@ -21,7 +21,7 @@ from trainables.data import DataConfig, load_split, make_loader
 from trainables.engine import TrainConfig, fit
 from trainables.errors import StudyInputError
 from trainables.faults import FaultInjector, faults_from_env
-from trainables.finetune import STRATEGIES
+from trainables.finetune import STRATEGIES, TaskModule
 from trainables.finetune.storage import save_finetuned, task_storage_bytes
 from trainables.phases import REPEAT_PHASES
 from trainables.pretrain.loop import PretrainConfig, cached_pretrain, load_checkpoint, load_meta, pretrain_key
@@ -259,14 +259,24 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         "val": make_loader(load_split(spec.data, "val"), spec.train.batch_size, shuffle=False, seed=0),
         "test": make_loader(load_split(spec.data, "test"), spec.train.batch_size, shuffle=False, seed=0),
     }
+    strategy = STRATEGIES.get(spec.strategy)
+    if strategy.needs_teacher and not spec.strategy_params.get("teacher"):
+        raise StudyInputError(f"strategy {spec.strategy!r} learns from a teacher model, and cell {spec.cell.id} has "
+                              "none: the study gives it its teacher cell's best model (strategy_params.teacher)")
     base = initial_model(spec)
     initial_body = base.body_fingerprint()  # which weights the trial started from (an MLflow tag)
     model = apply_strategy(base, spec)
     storage = task_storage_bytes(model)
+    schedule = None
+    if strategy.schedule is not None:  # a staged strategy: its two phases
+        schedule = strategy.schedule(model, strategy.make_config(spec.strategy_params), spec.train.epochs)
     injector = FaultInjector(model, faults_from_env(cell_id, phase), start_epoch=int(resume["epoch"]) + 1 if resume else 1)
+
+    extra = {k: v for m in model.modules() if isinstance(m, TaskModule) for k, v in m.metrics().items()}
 
     def on_epoch(epoch: int, metrics: dict, state: Callable[[], dict]) -> None:
         injector.epoch_done(epoch)
+        metrics.update(extra)  # what a strategy's own modules say about the model (e.g. a student's size)
         metrics["task_storage_bytes"] = storage
         metrics["initial_body_sha256"] = initial_body
         if "test_cases" in metrics:  # one JSON text: Tune's loggers skip text, not a list of hundreds of rows
@@ -278,7 +288,8 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         report(metrics, state)
 
     result = fit(model, loaders["train"], loaders["val"], spec.train, spacing_mm=train.spacing_mm,
-                 test_loader=loaders["test"], on_epoch=on_epoch, resume=resume, task=spec.data.task_spec)
+                 test_loader=loaders["test"], on_epoch=on_epoch, resume=resume, task=spec.data.task_spec,
+                 schedule=schedule)
     return result.final
 
 

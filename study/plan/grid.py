@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trainables.backbones import BACKBONES
+from trainables.backbones import BACKBONES, backbone_info
 from trainables.data import labelled_count  # noqa: F401 - the launcher and the report count labels with it
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 from trainables.pretrain import PRETRAIN_METHODS
 
 DEFAULT_BACKBONE = "segresnet"
+DEFAULT_TEACHER_STRATEGY = "full"  # a distillation cell learns from this strategy's cell unless it names one
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Cell:
     num_samples: int | None = field(default=None, compare=False)
     params: dict | None = field(default=None, compare=False, hash=False)
     fraction: float = 1.0  # share of the labelled training subjects the cell fine-tunes on (--label-fractions)
+    teacher: str | None = field(default=None, compare=False)  # a distillation cell's teacher cell (None: default)
 
     @property
     def id(self) -> str:
@@ -53,9 +55,17 @@ class Cell:
         """The pre-training job's id (:func:`pretrain_id`)."""
         return pretrain_id(self.pretrain, self.backbone)
 
+    @property
+    def teacher_id(self) -> str | None:
+        """A distillation cell's teacher: the named cell, else the same pre-training, backbone and label fraction
+        fine-tuned with ``full``; None for a strategy without a teacher."""
+        if not STRATEGIES.get(self.strategy).needs_teacher:
+            return None
+        return self.teacher or cell_id(self.pretrain, DEFAULT_TEACHER_STRATEGY, self.backbone, self.fraction)
+
     def to_dict(self) -> dict:
         return {"pretrain": self.pretrain, "strategy": self.strategy, "backbone": self.backbone,
-                "fraction": self.fraction}
+                "fraction": self.fraction, **({"teacher": self.teacher} if self.teacher else {})}
 
 
 def pretrain_id(method: str, backbone: str) -> str:
@@ -155,15 +165,21 @@ class StudyPlan:
         if self.race_trials < 0 or self.race_minutes < 0:
             raise StudyInputError(f"the race budget must be >= 0, got {self.race_trials} trials, "
                                   f"{self.race_minutes} minutes")
+        ids = {c.id for c in self.cells}
         for cell in self.cells:
             if cell.pretrain not in self.pretrained:
                 PRETRAIN_METHODS.get(cell.pretrain)
             STRATEGIES.get(cell.strategy)
-            BACKBONES.get(cell.backbone)
-            if cell.backbone == "swinunetr" and any(s % 32 for s in self.input_size):
+            try:
+                backbone_info(cell.backbone).check_input(cell.backbone, tuple(self.input_size))
+            except StudyInputError as exc:
+                raise StudyInputError(f"cell {cell.id}: {exc}") from None
+            teacher = cell.teacher_id
+            if teacher is not None and teacher not in ids:
                 raise StudyInputError(
-                    f"cell {cell.id}: swinunetr needs an input size that is a multiple of 32, got {self.input_size}"
-                )
+                    f"cell {cell.id} learns from its teacher cell {teacher}, which is not in the grid: add strategy "
+                    f"{DEFAULT_TEACHER_STRATEGY} (e.g. --strategies {DEFAULT_TEACHER_STRATEGY},{cell.strategy}) or "
+                    "name a teacher cell of the grid (a grid file cell's teacher:)")
 
     def pretrain_settings(self, method: str, params: dict | None = None) -> dict:
         """The PretrainConfig fields ``pretrain_params`` sets for ``method``: optimiser ones and ``method_params``."""
@@ -202,7 +218,9 @@ class StudyPlan:
         return len(self.pretrain_jobs()) + sum(self.samples(c) + self.seeds for c in self.cells)
 
     def backbone_width(self, backbone: str) -> int:
-        return 12 * max(1, round(self.width / 12)) if backbone == "swinunetr" else self.width
+        """The plan's width rounded to the backbone's ``width_step`` (SwinUNETR: a multiple of 12)."""
+        step = backbone_info(backbone).width_step
+        return step * max(1, round(self.width / step))
 
     def pretrain_jobs(self) -> list[tuple[str, str]]:
         """Distinct (method, backbone) pre-training jobs, in grid order.
@@ -262,7 +280,11 @@ def check_pretrained(pretrained: object) -> dict[str, str]:
 
 
 def cross(pretrain: list[str], strategies: list[str], backbones: list[str]) -> list[Cell]:
-    return [Cell(p, s, b) for b, p, s in itertools.product(backbones, pretrain, strategies)]
+    """Every method x strategy x backbone, except that a strategy building its own network from scratch
+    (``from_scratch``: the distillation student's label-only twin) meets only ``none``: pre-training would not
+    reach it."""
+    return [Cell(p, s, b) for b, p, s in itertools.product(backbones, pretrain, strategies)
+            if p == "none" or not STRATEGIES.get(s).from_scratch]
 
 
 # Budgets: the sizes and counts a grid is run at. Wall times are measured in bench/ (see README).
@@ -340,11 +362,11 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
     cells = plan.cells
     new = [name for name in pretrained if name not in {c.pretrain for c in cells}]
     if new:  # an external checkpoint from --pretrained joins the grid as a method: every strategy x backbone
-        pairs = list(dict.fromkeys((c.strategy, c.backbone) for c in cells))
+        pairs = list(dict.fromkeys((c.strategy, c.backbone) for c in cells if not STRATEGIES.get(c.strategy).from_scratch))
         cells = [*cells, *(Cell(name, s, b) for name in new for s, b in pairs)]
     if backbones:
         # a backbone filter replaces the grid's backbones, keeping its methods x strategies
-        base = list(dict.fromkeys((c.pretrain, c.strategy) for c in cells))
+        base = list(dict.fromkeys((c.pretrain, c.strategy) for c in cells))  # teachers: the default ones
         cells = [Cell(p, s, b) for b in backbones for p, s in base]  # per-cell params do not carry over
     cells = [c for c in cells if (not methods or c.pretrain in methods or c.pretrain in new)
              and (not strategies or c.strategy in strategies)]

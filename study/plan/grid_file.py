@@ -32,7 +32,7 @@ from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 
 _PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
-_CELL_KEYS = {"pretrain", "strategy", "backbone", "num_samples", "params", "fraction"}
+_CELL_KEYS = {"pretrain", "strategy", "backbone", "num_samples", "params", "fraction", "teacher"}
 _TRAIN_SEARCHED = {"lr_encoder", "lr_decoder", "lr_heads", "weight_decay", "seg_weight", "cls_weight"}
 
 
@@ -81,7 +81,12 @@ def _cell(path: Path, i: int, raw: object) -> Cell:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise StudyInputError(f"{where}: fraction must be a number in (0, 1] (the share of the labelled training "
                               f"subjects), got {fraction!r}")
-    return Cell(raw["pretrain"], raw["strategy"], raw.get("backbone") or DEFAULT_BACKBONE, n, params, float(fraction))
+    teacher = raw.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        raise StudyInputError(f"{where}: teacher must be a cell id of the grid, e.g. none__full__segresnet, "
+                              f"got {teacher!r}")
+    return Cell(raw["pretrain"], raw["strategy"], raw.get("backbone") or DEFAULT_BACKBONE, n, params, float(fraction),
+                teacher)
 
 
 def _check_params(where: str, strategy: str, params: object) -> dict:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from trainables import shared_storage
 from trainables.errors import StudyInputError
+from trainables.finetune.storage import pretrain_ref
 
 ARTIFACT_DIR = "model"
 INFO_FILE = "model_info.json"
@@ -35,12 +36,6 @@ def registered_name(experiment: str, cell_id: str) -> str:
     """``pcs-<study>-<cell id>``, where the study is the MLflow experiment name without ``study-``."""
     study = experiment.removeprefix("study-")
     return re.sub(r"[^A-Za-z0-9_.-]", "-", f"pcs-{study}-{cell_id}")
-
-
-def pretrain_ref(model_path: str | Path) -> str | None:
-    """The pre-training checkpoint a fine-tuned ``model.pt`` was saved against (``None``: full state)."""
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
-    return payload.get("pretrain_ref") if isinstance(payload, dict) else None
 
 
 def stage_model(model_path: str | Path, info: dict, folder: str | Path) -> Path:

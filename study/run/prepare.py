@@ -29,6 +29,7 @@ from trainables.data import (
     stored_registration,
 )
 from trainables.errors import StudyInputError
+from trainables.task import default_task
 
 _MIN_POOL_SUBJECTS = 24
 
@@ -131,9 +132,11 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
     return [done.get(rec.subject_id) or _summarise(rec, cfg) for rec in records]
 
 
-def describe(summaries: list[SubjectSummary], classes: tuple[str, ...] = ("left_pcs", "right_pcs")) -> list[str]:
+def describe(summaries: list[SubjectSummary], classes: tuple[str, ...] | None = None) -> list[str]:
     """Lines for the launcher: the registration figures, and each label that lost more than 5% outside
-    the box (subject, segmentation class of ``classes``, the task's foreground classes, and share kept)."""
+    the box (subject, segmentation class of ``classes``, the task's foreground classes (default: the PCS
+    task's), and share kept)."""
+    classes = classes or default_task().foreground
     lines = []
     registered = [s for s in summaries if s.roi == "register"]
     if registered:

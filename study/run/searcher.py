@@ -86,6 +86,8 @@ class _State:
     completed: dict[str, int] = field(default_factory=dict)  # cell id -> search trials ended (any outcome)
     best: dict[str, tuple[float, dict, dict]] = field(default_factory=dict)  # cell id -> (score, train, params)
     best_rows: dict[str, list | None] = field(default_factory=dict)  # cell id -> per-case test rows of its best
+    best_model: dict[str, str] = field(default_factory=dict)  # cell id -> model.pt of its best trial
+    skipped: dict[str, str] = field(default_factory=dict)  # cell id -> why it cannot run (a teacher without a model)
     reruns: dict[str, int] = field(default_factory=dict)  # cell id -> seed re-runs suggested
     asked: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # trial id -> (train, params)
     live: dict[str, _Live] = field(default_factory=dict)
@@ -180,10 +182,29 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED
         return None
 
+    def _teacher_model(self, cell: Cell) -> str | None:
+        """A distillation cell's teacher model: ``""`` for a cell without a teacher, its teacher cell's best
+        model once that cell's search has ended, else None (wait); a teacher that can never have a model
+        (its pre-training or every search trial failed) marks the cell skipped."""
+        teacher = cell.teacher_id
+        if teacher is None:
+            return ""
+        st, source = self.state, self.cells[teacher]
+        if source.pretrain_id in st.pretrain_failed or (
+                st.completed.get(teacher, 0) >= self.plan.samples(source) and not st.best_model.get(teacher)):
+            st.skipped[cell.id] = f"its teacher cell {teacher} has no fine-tuned model"
+            return None
+        if st.completed.get(teacher, 0) < self.plan.samples(source):
+            return None
+        return st.best_model[teacher]
+
     def _suggest_search(self, trial_id: str, cell: Cell, key: str) -> dict | None:
         st = self.state
         n = st.suggested.get(cell.id, 0)
-        if n >= self.plan.samples(cell):
+        if n >= self.plan.samples(cell) or cell.id in st.skipped:
+            return None
+        teacher = self._teacher_model(cell)
+        if teacher is None:  # a distillation cell waits for its teacher cell's search
             return None
         if cell.params is not None:  # fixed configuration: no search
             train, params, number = dict(cell.params.get("train", {})), dict(cell.params.get("strategy_params", {})), -1
@@ -191,6 +212,8 @@ class StudySearcher(Searcher):
             trial = self.study(cell.id).ask()
             train, params = sample_finetune_params(trial, cell.strategy)
             number = trial.number
+        if teacher:
+            params = {**params, "teacher": teacher}
         st.suggested[cell.id] = n + 1
         st.live[trial_id] = _Live("finetune", cell.id, number)
         st.asked[trial_id] = (train, params)
@@ -214,8 +237,10 @@ class StudySearcher(Searcher):
         st = self.state
         if st.pretrain_pending or st.pretrain_running:
             return False
+        for cell in self.cells.values():
+            self._teacher_model(cell)  # marks a distillation cell whose teacher can never have a model
         return all(st.completed.get(c.id, 0) >= self.plan.samples(c) for c in self.cells.values()
-                   if c.pretrain_id not in st.pretrain_failed)
+                   if c.pretrain_id not in st.pretrain_failed and c.id not in st.skipped)
 
     def _suggest_race(self, trial_id: str) -> dict | None:
         """Once the search has ended: the race's next repeat (a cell's best configuration, the round's seed)."""
@@ -227,7 +252,7 @@ class StudySearcher(Searcher):
             if not self._search_done():
                 return None
             race.start({c.id: st.best_rows.get(c.id) for c in self.cells.values()
-                        if c.pretrain_id not in st.pretrain_failed})
+                        if c.pretrain_id not in st.pretrain_failed and c.id not in st.skipped})
             self._write_race()
         cell_id = race.suggest()
         if cell_id is None:
@@ -251,7 +276,8 @@ class StudySearcher(Searcher):
             return False
         for cell in self.cells.values():
             key = cell.pretrain_id
-            if key in st.pretrain_failed:
+            self._teacher_model(cell)  # marks a distillation cell whose teacher can never have a model
+            if key in st.pretrain_failed or cell.id in st.skipped:
                 continue
             if st.suggested.get(cell.id, 0) < self.plan.samples(cell):
                 return False
@@ -287,6 +313,7 @@ class StudySearcher(Searcher):
             if live.key not in st.best or value > st.best[live.key][0]:
                 st.best[live.key] = (value, *asked)
                 st.best_rows[live.key] = _case_rows(result)
+                st.best_model[live.key] = str(result.get("model_path") or "")
         if live.number >= 0:
             study = self.study(live.key)
             if value is None:
@@ -325,4 +352,4 @@ class StudySearcher(Searcher):
     def summary(self) -> str:
         st = self.state
         return json.dumps({"checkpoints": len(st.checkpoints), "failed_pretrain": list(st.pretrain_failed),
-                           "suggested": sum(st.suggested.values())})
+                           "suggested": sum(st.suggested.values()), "skipped": st.skipped})

@@ -39,6 +39,10 @@ class Strategy:
     config_cls: type
     apply: Callable[[nn.Module, Any], nn.Module]
     space: Callable[[Any], dict]  # optuna.Trial -> config fields
+    # a staged strategy: (model after apply, config, epochs) -> trainables.engine.Schedule of its two phases
+    schedule: Callable[[nn.Module, Any, int], Any] | None = None
+    needs_teacher: bool = False  # learns from its teacher cell's best model (distillation)
+    from_scratch: bool = False  # builds its own network: pre-training does not reach it (crossed with `none` only)
 
     def make_config(self, params: dict | None = None) -> Any:
         """The typed config from a plain dict; unknown keys raise :class:`StudyInputError`."""
@@ -61,12 +65,15 @@ def no_own_hyperparameters(trial: Any) -> dict:
     return {}
 
 
-def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] = no_own_hyperparameters
-                      ) -> Callable:
-    """Decorator for an ``apply(model, cfg)`` function: registers it with its config class and search space."""
+def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] = no_own_hyperparameters, *,
+                      schedule: Callable[[nn.Module, Any, int], Any] | None = None, needs_teacher: bool = False,
+                      from_scratch: bool = False) -> Callable:
+    """Decorator for an ``apply(model, cfg)`` function: registers it with its config class and search space
+    (and, for a staged strategy, its ``schedule``; for distillation, ``needs_teacher``; for a network built
+    from scratch, ``from_scratch``)."""
 
     def deco(apply: Callable) -> Callable:
-        STRATEGIES.register(name)(Strategy(name, config_cls, apply, space))
+        STRATEGIES.register(name)(Strategy(name, config_cls, apply, space, schedule, needs_teacher, from_scratch))
         return apply
 
     return deco
@@ -74,11 +81,16 @@ def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] 
 
 # -- helpers shared by the strategy modules --------------------------------------------------------
 class TaskModule(nn.Module):
-    """Base class of the modules a strategy inserts (adapters, prompts, SSF, side network).
+    """Base class of the modules a strategy inserts (adapters, prompts, SSF, side network, a distillation
+    student).
 
     :func:`trainables.finetune.storage.trainable_state_dict` stores their buffers with the
-    trainable parameters.
+    trainable parameters; :meth:`metrics` is logged with every epoch of the trial.
     """
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the module the trial logs (none by default)."""
+        return {}
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -147,12 +159,13 @@ def check_applicable(name: str, backbone: str, input_size: tuple[int, int, int] 
     """
     strategy = STRATEGIES.get(name)
     model = build_backbone(BackboneConfig(name=backbone, width=8), task)
+    in_channels = model.config.in_channels
     try:
         model = strategy.apply(model, strategy.make_config())
         if not any(p.requires_grad for p in model.parameters()):
             raise StudyInputError("it leaves no parameter trainable")
         model.train()
-        x = torch.randn(2, model.config.in_channels, *input_size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, in_channels, *input_size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             out = model(x)
         if not all(torch.isfinite(v).all() for v in out.values()):

@@ -90,6 +90,12 @@ def save_finetuned(
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def pretrain_ref(model_path: str | os.PathLike) -> str | None:
+    """The pre-training checkpoint a fine-tuned ``model.pt`` was saved against (``None``: full state)."""
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    return payload.get("pretrain_ref") if isinstance(payload, dict) else None
+
+
 def load_finetuned(path: str | os.PathLike, body_state: dict[str, Tensor] | None) -> nn.Module:
     """Rebuild a model saved by :func:`save_finetuned`; its outputs equal the saved model's.
 
