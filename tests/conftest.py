@@ -207,3 +207,21 @@ def run_in_terminal(argv: list[str], cwd: Path, timeout: float, width: int = 200
     finally:
         subprocess.run([*base, "kill-server"], capture_output=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def trial_config(stage: str = "finetune", *, strategy: str = "full", epochs: int = 2, backbone: str = "segresnet",
+                 cell: str = "none__full__segresnet") -> dict:
+    """A minimal trial config as the launcher writes it (the typed schema of ``trainables.trials``), for tests
+    whose trainables read only part of it."""
+    from trainables.backbones import BackboneConfig
+    from trainables.data import DataConfig
+    from trainables.engine import TrainConfig
+    from trainables.pretrain.loop import PretrainConfig
+    from trainables.trials import CellRef, FinetuneTrial, PretrainTrial
+
+    data = DataConfig(manifest="unused/manifest.csv")
+    if stage == "pretrain":
+        return PretrainTrial(BackboneConfig(backbone), PretrainConfig(method="reconstruction", epochs=epochs), data,
+                             cache_dir="unused", cell=CellRef(cell, "reconstruction", backbone)).to_dict()
+    return FinetuneTrial(BackboneConfig(backbone), strategy, {}, TrainConfig(epochs=epochs), data,
+                         cell=CellRef(cell, "none", backbone, strategy)).to_dict()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import ray
-from conftest import start_local_ray
+from conftest import start_local_ray, trial_config
 from light_trainables import barrier_sleeper, curve
 from ray import tune
 
@@ -35,7 +35,7 @@ def _run(tmp_path, gpus: float, n: int, sleep: float, timeout: float = 180):
     trainable = tune.with_resources(barrier_sleeper, trial_resources(cpus=0.25, gpus=gpus, shares={}, custom={}))
     tuner = tune.Tuner(
         trainable,
-        param_space={"sleep": sleep, "stage": "finetune", "barrier": str(barrier), "n": n, "timeout": timeout,
+        param_space={**trial_config(), "sleep": sleep, "barrier": str(barrier), "n": n, "timeout": timeout,
                      "i": tune.grid_search(list(range(n)))},
         run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"gpu{gpus}", verbose=0),
     )
@@ -63,8 +63,8 @@ def test_measured_share_rounds_up_to_eighths() -> None:
 def test_resources_follow_the_cell_and_stage() -> None:
     per_trial = trial_resources(1.0, None, {"finetune:lora:segresnet": 0.125, "pretrain:segresnet": 0.5},
                                 {"gpu_node": 0.01})
-    ft = per_trial({"stage": "finetune", "strategy": "lora", "backbone": {"name": "segresnet"}})
-    pre = per_trial({"stage": "pretrain", "backbone": {"name": "segresnet"}})
+    ft = per_trial(trial_config(strategy="lora"))
+    pre = per_trial(trial_config("pretrain"))
     assert ft == {"cpu": 1.0, "gpu": 0.125, "gpu_node": 0.01}
     assert pre == {"cpu": 1.0, "gpu": 0.5}
 
@@ -74,7 +74,7 @@ def test_asha_stops_worse_trials_within_their_cell_only(ray_one_gpu, tmp_path) -
     scheduler = PerCellASHA(metric="score", mode="max", max_t=6, grace_period=1, reduction_factor=2)
     tuner = tune.Tuner(
         tune.with_resources(curve, {"cpu": 2}),  # one trial at a time, in the list's order
-        param_space={"stage": "finetune", "train": {"epochs": 6}, "cell": tune.grid_search(cells)},
+        param_space={**trial_config(epochs=6), "cell": tune.grid_search(cells)},
         tune_config=tune.TuneConfig(scheduler=scheduler),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
     )
