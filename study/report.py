@@ -476,7 +476,7 @@ def remapping_summary(study: Study, comparison) -> list[dict]:
                    "ci": list(stat.ci["score"]) if stat else None,
                    "params": m.get("student_total_params", m.get("total_params")),
                    "task_storage_bytes": m.get("task_storage_bytes"), "time_per_epoch_s": m.get("time_per_epoch_s"),
-                   "peak_memory_mb": m.get("peak_memory_mb")}
+                   "seconds_per_volume": m.get("test_seconds_per_volume"), "peak_memory_mb": m.get("peak_memory_mb")}
             if cid != c.id and c.id in comparison.samples and cid in comparison.samples:
                 diff = comparison.samples[c.id]["score"] - comparison.samples[cid]["score"]
                 row["student_minus_this"] = {"difference": comparison.cells[c.id].estimate["score"] - stat.estimate["score"],

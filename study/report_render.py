@@ -137,8 +137,8 @@ def _race_lines(race: dict) -> list[str]:
     return lines
 
 
-_REMAP_HEAD = ["model", "cell", "test score [95% CI]", "student − this [95% CI]", "parameters", "storage", "s/epoch",
-               "peak MB"]
+_REMAP_HEAD = ["model", "cell", "test score [95% CI]", "student − this [95% CI]", "parameters", "storage",
+               "s/volume (predict)", "s/epoch (train)", "peak MB (train)"]
 
 
 def _remap_rows(data: dict) -> list[list[str]]:
@@ -158,7 +158,8 @@ def _remap_rows(data: dict) -> list[list[str]]:
             storage = r.get("task_storage_bytes")
             rows.append([r["role"], r["cell"], score, diff, num(r.get("params"), "{:,.0f}"),
                          f"{storage / 2**20:.2f} MB" if _is_number(storage) else "–",
-                         num(r.get("time_per_epoch_s"), "{:.2f}"), num(r.get("peak_memory_mb"), "{:.0f}")])
+                         num(r.get("seconds_per_volume"), "{:.4f}"), num(r.get("time_per_epoch_s"), "{:.2f}"),
+                         num(r.get("peak_memory_mb"), "{:.0f}")])
     return rows
 
 

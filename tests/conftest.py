@@ -225,3 +225,20 @@ def trial_config(stage: str = "finetune", *, strategy: str = "full", epochs: int
                              cache_dir="unused", cell=CellRef(cell, "reconstruction", backbone)).to_dict()
     return FinetuneTrial(BackboneConfig(backbone), strategy, {}, TrainConfig(epochs=epochs), data,
                          cell=CellRef(cell, "none", backbone, strategy)).to_dict()
+
+
+def tiny_batches(n: int, seed: int) -> list[dict]:
+    """``n`` batches of two 16^3 volumes of the PCS task: a dark left groove (label 1) in the first, a right one
+    (label 2) in the second, presence [1, 0] and [0, 1]: a set small models learn in a few epochs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        img = torch.randn(2, 1, 16, 16, 16, generator=g) * 0.3
+        lab = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+        lab[0, 0, 3:6, 6:12, 6:10] = 1
+        lab[1, 0, 10:13, 6:12, 6:10] = 2
+        img[lab > 0] -= 1.5
+        out.append({"image": img, "label": lab, "cls": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
+    return out

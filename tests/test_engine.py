@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import wait_for
+from conftest import tiny_batches, wait_for
 
 from trainables.backbones import BackboneConfig, build_backbone
 from trainables.engine import MultiTaskLoss, NonFiniteLossError, TrainConfig, fit, make_optimizer, train_epoch
@@ -12,16 +12,7 @@ from trainables.errors import StudyInputError
 
 
 def _batches(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        img = torch.randn(2, 1, 16, 16, 16, generator=g) * 0.3
-        lab = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
-        lab[0, 0, 3:6, 6:12, 6:10] = 1
-        lab[1, 0, 10:13, 6:12, 6:10] = 2
-        img[lab > 0] -= 1.5
-        out.append({"image": img, "label": lab, "cls": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
-    return out
+    return tiny_batches(n, seed)
 
 
 def test_short_training_lowers_loss_and_reports_costs() -> None:
@@ -35,7 +26,7 @@ def test_short_training_lowers_loss_and_reports_costs() -> None:
     assert [e for e, _, _ in seen] == [1, 2, 3, 4]
     final = result.final
     for key in ("val_dice", "val_accuracy", "val_auc", "score", "test_dice", "test_hd95", "time_per_epoch_s",
-                "peak_memory_mb", "trainable_params", "volumes_per_s"):
+                "test_seconds_per_volume", "peak_memory_mb", "trainable_params", "volumes_per_s"):
         assert key in final, key
     assert final["trainable_fraction"] == 1.0
     assert final["peak_memory_mb"] > 10

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_batches
 
 from trainables.backbones import BackboneConfig, build_backbone, state_fingerprint
 from trainables.engine import MultiTaskLoss, TrainConfig, fit
@@ -23,16 +24,7 @@ from trainables.task import default_task
 
 
 def _batches(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        img = torch.randn(2, 1, 16, 16, 16, generator=g) * 0.3
-        lab = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
-        lab[0, 0, 3:6, 6:12, 6:10] = 1
-        lab[1, 0, 10:13, 6:12, 6:10] = 2
-        img[lab > 0] -= 1.5
-        out.append({"image": img, "label": lab, "cls": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
-    return out
+    return tiny_batches(n, seed)
 
 
 def _staged(name: str, **params):

@@ -304,25 +304,33 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, object]:
-    """Concatenated outputs and targets over ``loader`` (on the CPU), with the subject ids in order."""
+    """Concatenated outputs and targets over ``loader`` (on the CPU), with the subject ids in order and
+    ``seconds_per_volume``: the model's forward time per volume (what predicting costs, data loading and
+    metrics apart)."""
     model.eval()
     seg, cls, labels, targets, ids = [], [], [], [], []
+    forward = 0.0
     for batch in loader:
         b = _to(batch, device)
+        tick = time.perf_counter()
         out = model(b["image"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        forward += time.perf_counter() - tick
         seg.append(out["seg"].float().cpu())
         cls.append(out["cls"].float().cpu())
         labels.append(batch["label"])
         targets.append(batch["cls"])
         ids.extend(batch.get("subject_id") or [f"case-{len(ids) + i}" for i in range(len(batch["cls"]))])
     return {"seg": torch.cat(seg), "cls": torch.cat(cls), "label": torch.cat(labels), "target": torch.cat(targets),
-            "subject_id": ids}
+            "subject_id": ids, "seconds_per_volume": forward / max(len(ids), 1)}
 
 
 def _metrics(p: dict, spacing_mm: float, task: TaskSpec) -> dict[str, float]:
     metrics = task_metrics(p["seg"], p["label"], p["cls"], p["target"], spacing_mm, task)
     loss = MultiTaskLoss(task=task)({"seg": p["seg"], "cls": p["cls"]}, {"label": p["label"], "cls": p["target"]})
     metrics["loss"] = float(loss["loss"])
+    metrics["seconds_per_volume"] = p["seconds_per_volume"]
     return metrics
 
 

@@ -26,6 +26,7 @@ FINAL_METRICS: dict[str, MetricInfo] = {
     "test_dice": MetricInfo("Dice"),
     "test_hd95": MetricInfo("HD95 mm", "{:.1f}"),
     "time_per_epoch_s": MetricInfo("s/epoch", "{:.2f}"),
+    "test_seconds_per_volume": MetricInfo("s/volume", "{:.3f}"),  # the model's forward pass: predicting's cost
     "peak_memory_mb": MetricInfo("peak MB", "{:.0f}"),
     "trainable_fraction": MetricInfo("trainable %", "{:.2f}"),
     "task_storage_bytes": MetricInfo("storage", "{}"),
