@@ -515,7 +515,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
             searcher = StudySearcher(plan, factory.pretrain, factory.finetune, output=str(output) if remote else shared,
                                      study_name=plan.name, storage_url=args.optuna_storage,
                                      race_file=str(output / RACE_FILE),
-                                     external={k: v["path"] for k, v in external.items()})
+                                     external={k: v["path"] for k, v in external.items()},
+                                     task=task.to_dict())
             # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
             # trials report no selection score, and Tune's strict metric check would reject them.
             scheduler = make_scheduler(plan, args.early_stopping)

@@ -258,3 +258,17 @@ def test_the_pcs3_task_runs_end_to_end(tmp_path: Path) -> None:
     assert pred.returncode == 0, pred.stderr[-2000:]
     lines = [line for line in pred.stdout.splitlines() if line.startswith("PCS3 presence")]
     assert len(lines) == 2 and all(any(c in line for c in ("absent (", "present (", "prominent (")) for line in lines)
+
+
+def test_the_race_reads_a_k_class_tasks_rows() -> None:
+    """The race after the search reads per-case rows through the study's task (three classes here)."""
+    from study.evidence.racing import Race
+
+    task, seg, labels, logits, truth = _k_class_outputs()
+    ids = [f"s{i:02d}" for i in range(len(truth))]
+    good = per_case_rows(ids, seg, labels, logits, truth, 2.0, task)
+    poor = per_case_rows(ids, seg, labels, torch.zeros_like(logits), truth, 2.0, task)
+    race = Race(max_trials=4, seed=0, task=task.to_dict())
+    race.start({"a": good, "b": poor})
+    assert race.status in ("racing", "resolved") and race.best == "a"
+    assert "task" not in race.to_dict()  # the record stays small: the study keeps its task in study.json

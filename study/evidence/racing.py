@@ -49,6 +49,7 @@ from scipy import stats as scipy_stats
 
 from study.evidence.stats import RESAMPLES, Cases, compare, holm, interval, score_of
 from trainables.atomic import atomic_write_text, strict_json
+from trainables.task import as_task
 
 ALPHA = 0.05
 MIN_SUBJECTS = 10  # fewer test subjects: the bootstrap cannot support an elimination; nothing is eliminated
@@ -162,6 +163,7 @@ class Race:
     trials_used: int = 0
     elapsed_s: float = 0.0
     failed: list[dict] = field(default_factory=list)  # repeats that failed: {cell, round, reason}
+    task: dict | None = None  # the study's task spec (its dict form): how a run's per-case rows read; None: PCS
     _round_size: int = 0
     _tick: float | None = None
 
@@ -217,9 +219,11 @@ class Race:
             self._evaluate()
 
     def _evaluate(self) -> None:
-        runs = {c: [Cases.from_rows(r) for r in self.runs[c]] for c in self.alive}
+        task = as_task(getattr(self, "task", None))  # a race pickled before tasks existed has none: PCS
+        runs = {c: [Cases.from_rows(r, task) for r in self.runs[c]] for c in self.alive}
         # the variation between training runs, from every cell's repeats so far (eliminated cells' too)
-        seed_sd = pooled_seed_sd({c: [Cases.from_rows(r) for r in rs] for c, rs in self.runs.items() if len(rs) > 1})
+        seed_sd = pooled_seed_sd({c: [Cases.from_rows(r, task) for r in rs] for c, rs in self.runs.items()
+                                  if len(rs) > 1})
         best, evidence = evaluate(runs, self.alpha, seed=self.seed + self.round, seed_sd=seed_sd)
         if best is None:  # the cells were tested on different subjects: nothing can be paired
             self.status = "no_contest"
@@ -252,7 +256,7 @@ class Race:
 
     # -- the record ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue", "_round_size")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "_tick", "queue", "_round_size", "task")}
         d["repeats"] = {cell: len(runs) - 1 for cell, runs in self.runs.items()}
         return d
 

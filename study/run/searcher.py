@@ -109,6 +109,7 @@ class StudySearcher(Searcher):
         study_name: prefix of the Optuna study names.
         race_file: where the race's record is written as it goes (``race.json`` in the study folder).
         external: ``"NAME__BACKBONE" -> body.pt`` of the plan's external checkpoints (:mod:`study.run.checkpoints`).
+        task: the study's task spec (its dict form; None: the PCS task): how the race reads per-case rows.
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class StudySearcher(Searcher):
         mode: str = "max",
         race_file: str | None = None,
         external: dict[str, str] | None = None,
+        task: dict | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)  # see PerCellASHA: no study-wide metric for Tune's check
         self.score_metric = metric
@@ -133,7 +135,8 @@ class StudySearcher(Searcher):
         jobs = [pretrain_id(*k) for k in plan.pretrain_jobs()]
         self.state = _State(pretrain_pending=jobs)
         if plan.racing:
-            self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed)
+            self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed,
+                                   task=task)
         self.race_file = race_file
         for cell in plan.cells:  # no pre-training job (random initialisation, an external checkpoint): ready now
             key = cell.pretrain_id
