@@ -147,8 +147,10 @@ class DistillStudent(TaskModule):
 
     def metrics(self) -> dict[str, float]:
         """What the run logs about the remapping: the student's and the teacher's network sizes."""
-        return {"student_total_params": float(sum(p.numel() for p in self.student.parameters())),
-                "teacher_total_params": float(self.teacher_total_params)}
+        out = {"student_total_params": float(sum(p.numel() for p in self.student.parameters()))}
+        if self.teacher_path:  # the label-only twin has no teacher
+            out["teacher_total_params"] = float(self.teacher_total_params)
+        return out
 
 
 def student_space(trial) -> dict:
