@@ -89,6 +89,23 @@ def test_a_checkpoint_taken_in_phase_one_resumes_in_phase_one() -> None:
     assert all(torch.equal(encoder[k], v) for k, v in after_two.items())  # epoch 2 resumed in phase one
 
 
+def test_a_checkpoint_taken_in_phase_two_resumes_in_phase_two() -> None:
+    """The optimiser holds both phases' parameters from the start, so a phase-two checkpoint (Adam state for the
+    body) loads into a fresh trial, which goes on training the body at the full rate."""
+    model, strategy, cfg = _staged("gradual", switch_fraction=0.25, warmup_epochs=1)
+    states = []
+    fit(model, _batches(2, 0), _batches(1, 1), TrainConfig(epochs=2), spacing_mm=4.0,
+        on_epoch=lambda e, m, state: states.append(state()), schedule=strategy.schedule(model, cfg, 4))
+    assert states[-1]["history"][-1]["phase"] == 2
+    fresh, strategy, cfg = _staged("gradual", switch_fraction=0.25, warmup_epochs=1)
+    rows = []
+    fit(fresh, _batches(2, 0), _batches(1, 1), TrainConfig(epochs=4), spacing_mm=4.0, resume=states[-1],
+        on_epoch=lambda e, m, state: rows.append(m), schedule=strategy.schedule(fresh, cfg, 4))
+    assert [(r["epoch"], r["phase"], r["lr_scale"]) for r in rows] == [(3, 2, 1.0), (4, 2, 1.0)]
+    encoder = {k: v for k, v in states[-1]["trained"].items() if k.startswith("encoder.")}
+    assert encoder and any(not torch.equal(v, dict(fresh.named_parameters())[k].detach()) for k, v in encoder.items())
+
+
 def test_the_distillation_loss_is_the_tempered_kl() -> None:
     """Against a direct computation: T^2 KL per voxel over classes, and per hemisphere over [1 - p, p]."""
     g = torch.Generator().manual_seed(0)
