@@ -51,11 +51,9 @@ class BackboneInfo:
     encoder_stages: int = 4
     blocks: int = 7
 
-    def check_input(self, name: str, size: tuple[int, ...]) -> None:
-        """Raise StudyInputError if ``size`` does not suit the backbone."""
-        if any(s % self.input_multiple for s in size):
-            raise StudyInputError(f"{name} needs input sides that are multiples of {self.input_multiple}, "
-                                  f"got {tuple(size)}; use an input size such as {(self.input_multiple * 2,) * 3}")
+    def fits(self, size: tuple[int, ...]) -> bool:
+        """Whether every side of ``size`` is a multiple of ``input_multiple``."""
+        return not any(s % self.input_multiple for s in size)
 
 
 BACKBONES: Registry[Callable[..., MultiTaskNet]] = Registry("backbone")
@@ -405,7 +403,10 @@ class SwinUNETRMultiTask(MultiTaskNet):
         self._init_heads()
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        BACKBONE_INFO["swinunetr"].check_input("swinunetr", tuple(x.shape[2:]))
+        multiple = BACKBONE_INFO["swinunetr"].input_multiple
+        if not BACKBONE_INFO["swinunetr"].fits(tuple(x.shape[2:])):
+            raise StudyInputError(f"swinunetr needs input sides that are multiples of {multiple}, got "
+                                  f"{tuple(x.shape[2:])}")
         return super().encode(x)
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:

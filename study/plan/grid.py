@@ -170,10 +170,11 @@ class StudyPlan:
             if cell.pretrain not in self.pretrained:
                 PRETRAIN_METHODS.get(cell.pretrain)
             STRATEGIES.get(cell.strategy)
-            try:
-                backbone_info(cell.backbone).check_input(cell.backbone, tuple(self.input_size))
-            except StudyInputError as exc:
-                raise StudyInputError(f"cell {cell.id}: {exc}") from None
+            info = backbone_info(cell.backbone)
+            if not info.fits(tuple(self.input_size)):
+                raise StudyInputError(
+                    f"cell {cell.id}: {cell.backbone} needs an input size that is a multiple of {info.input_multiple}, "
+                    f"got {tuple(self.input_size)}")
             teacher = cell.teacher_id
             if teacher is not None and teacher not in ids:
                 raise StudyInputError(
