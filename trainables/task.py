@@ -19,7 +19,7 @@ names a class or a manifest column. nnU-Net's ``dataset.json`` labels and ``Labe
         regions: [left, right]
         segments: [left_pcs, right_pcs]      # optional: the segmentation class whose Dice a region's row carries
     flips: false                             # left-right flips as augmentation (never when a side is a target)
-    score: {dice: 0.5, balanced_accuracy: 0.5}   # weights (sum 1) of dice, balanced_accuracy, accuracy, auc
+    score: {dice: 0.5, balanced_accuracy: 0.5}   # weights (sum 1) of dice and classification metrics
 """
 
 from __future__ import annotations
