@@ -25,7 +25,7 @@ from trainables import shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
 from trainables.registration import ROI_MODES
-from trainables.task import TaskSpec, as_task, cohort_task, load_task
+from trainables.task import TaskSpec, as_task, default_task, load_task
 
 STUDY_FILE = "study.json"
 
@@ -249,7 +249,9 @@ def study_task(task: str | None, cohort: str | None) -> TaskSpec:
     """``--task`` (a built-in name or a spec file), else the cohort's ``task.yaml``, else the PCS task."""
     if task:
         return load_task(task)
-    return (cohort_task(cohort) if cohort else None) or load_task("pcs")
+    from trainables.data import manifest_task
+
+    return manifest_task(cohort) if cohort else default_task()
 
 
 def prepare_data(plan: StudyPlan, output: Path, cohort: str | None, roi: str | None = None,
