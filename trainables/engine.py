@@ -127,7 +127,11 @@ class PeakMemory:
         return self.rss_mb()
 
     def close(self) -> None:
+        """Stop the sampler thread and wait for it to end (so a reused worker never carries it into the next trial)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
 
 
 def _tensor_bytes(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> int:
@@ -416,7 +420,6 @@ def fit(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
-    memory = PeakMemory(device).reset()
     optimizer = make_optimizer(model, cfg)  # every parameter that trains in any phase
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -454,6 +457,7 @@ def fit(
         if "phase" in row:
             phase_seconds.setdefault(int(row["phase"]), []).append(row["epoch_time_s"])
             tensor_peaks.update({p: row[f"phase{p}_peak_memory_mb"] for p in (1, 2) if f"phase{p}_peak_memory_mb" in row})
+    memory = PeakMemory(device).reset()
     try:  # the sampler thread must stop however the loop ends (an error, Tune stopping the trial)
         for epoch in range(first_epoch, cfg.epochs + 1):
             phase = 1

@@ -28,10 +28,10 @@ def probe_step_memory(strategy: str, backbone: dict, input_size: tuple[int, int,
     model = build_backbone(BackboneConfig(**backbone), spec_task)
     spec = STRATEGIES.get(strategy)
     model = spec.apply(model, spec.make_config({})).to(dev)
-    memory = PeakMemory(dev).reset()
     opt = make_optimizer(model, TrainConfig())
     loss_fn = MultiTaskLoss(task=spec_task)
     batch = synthetic_batch(spec_task, batch_size, input_size, dev)
+    memory = PeakMemory(dev).reset()
     try:
         for _ in range(steps):
             loss = loss_fn(model(batch["image"]), batch)["loss"]
