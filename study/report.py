@@ -337,7 +337,8 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
 
     points = [score_point(c) for c in done]
     figures = [("Cells by test score with 95% confidence intervals (forest plot)",
-                plots.plot_forest(points, out / "forest.png", reference=comparison.reference)),
+                plots.plot_forest(points, out / "forest.png", reference=comparison.reference,
+                                  between_runs=comparison.between_run_sd is not None)),
                ("Test score vs peak memory", plots.plot_tradeoff(points, "memory", "peak memory (MB)",
                                                                  out / "pareto_memory.png")),
                ("Test score vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",

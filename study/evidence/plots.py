@@ -94,7 +94,7 @@ def plot_tradeoff(points: list[dict], cost_key: str, cost_label: str, path: Path
     return _save(fig, path)
 
 
-def plot_forest(rows: list[dict], path: Path, reference: str | None = None) -> Path:
+def plot_forest(rows: list[dict], path: Path, reference: str | None = None, between_runs: bool = False) -> Path:
     """Cells sorted by test score, each with its 95% interval: the best in crimson, the cells that cannot
     be told apart from it in orange, the rest grey; the reference cell marked with a diamond.
 
@@ -102,6 +102,7 @@ def plot_forest(rows: list[dict], path: Path, reference: str | None = None) -> P
         rows: dicts with ``label``, ``score``, ``lo``, ``hi`` and ``tied``.
         path: the PNG to write.
         reference: the reference cell's label.
+        between_runs: the intervals include the variation between training runs (a race or ``--seeds``).
     """
     rows = sorted([r for r in rows if _finite(r.get("score"))], key=lambda r: r["score"])
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * max(1, len(rows))))
@@ -116,7 +117,8 @@ def plot_forest(rows: list[dict], path: Path, reference: str | None = None) -> P
         ax.axvline(rows[-1]["lo"], color="crimson", linestyle=":", linewidth=0.9)
     ax.set_yticks(range(len(rows)), [r["label"] + (" (reference)" if r["label"] == reference else "")
                                      for r in rows], fontsize=7)
-    ax.set_xlabel("test score with 95% CI (bootstrap over test subjects)")
+    ax.set_xlabel("test score with 95% CI (bootstrap over test subjects"
+                  + (" and the variation between training runs)" if between_runs else ")"))
     ax.set_title("Cells by test score: best (red), cannot be told apart from it (orange), the rest (grey)",
                  fontsize=9)
     ax.grid(alpha=0.3, axis="x")
