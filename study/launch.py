@@ -436,6 +436,9 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                               + ", ".join(c.id for c in plan.cells[:20]) + ("…" if len(plan.cells) > 20 else ""))
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
+    for why in dict.fromkeys(plan.left_out.values()):
+        cells = [c for c, w in plan.left_out.items() if w == why]
+        log.info(f"left out {len(cells)} cell(s) ({', '.join(cells)}): {why}")
     # What every node must see: a mounted folder, or an object-store URI (trainables/shared_storage.py).
     remote = shared_storage.is_remote(args.storage)
     shared = shared_storage.absolute(args.storage or output)

@@ -218,6 +218,38 @@ def test_the_grid_crosses_the_twin_with_none_and_needs_each_teacher() -> None:
         select_plan("full", budget="smoke", methods=["none"], strategies=["distill"])
 
 
+def test_a_student_is_narrower_than_its_teacher_or_its_cell_is_left_out(tmp_path) -> None:
+    """The student's width rounds to the backbone's width step; where even the narrowest student would be as wide
+    as its teacher (SwinUNETR at its width step, 12), a preset grid leaves the cells out saying why, and a grid
+    file naming one is refused in one line."""
+    from study.plan.grid import select_plan
+    from trainables.errors import StudyInputError
+    from trainables.finetune.distill import student_width
+
+    assert [student_width("segresnet", 16, f) for f in (0.25, 0.5)] == [4, 8]
+    assert [student_width("segresnet", 8, f) for f in (0.25, 0.5)] == [4, 4]  # at least 4 channels
+    assert [student_width("swinunetr", 48, f) for f in (0.25, 0.5)] == [12, 24]  # multiples of 12
+    assert student_width("swinunetr", 12, 0.5) == 12
+
+    args = dict(budget="smoke", methods=["none"], strategies=["full", "distill", "student"], input_size=(32, 32, 32))
+    plan = select_plan("full", backbones=["swinunetr", "segresnet"], **args)
+    assert {c.id for c in plan.cells} == {"none__full__swinunetr", "none__full__segresnet",
+                                          "none__distill__segresnet", "none__student__segresnet"}
+    assert set(plan.left_out) == {"none__distill__swinunetr", "none__student__swinunetr"}
+    assert "narrowest student (width 12) is as wide as its teacher; use --width 24" in plan.left_out[
+        "none__distill__swinunetr"]
+    wide = select_plan("full", backbones=["swinunetr"], width=24, **args)
+    assert not wide.left_out and len(wide.cells) == 3
+    with pytest.raises(StudyInputError, match="no cell of the grid can run: on swinunetr at width 12"):
+        select_plan("full", backbones=["swinunetr"], **{**args, "strategies": ["student"]})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\nbase: smoke\ninput_size: [32, 32, 32]\ncells:\n"
+                    "  - {pretrain: none, strategy: full, backbone: swinunetr}\n"
+                    "  - {pretrain: none, strategy: distill, backbone: swinunetr}\n")
+    with pytest.raises(StudyInputError, match="cell none__distill__swinunetr: on swinunetr at width 12"):
+        select_plan(str(grid))
+
+
 def test_a_distillation_cell_waits_for_its_teachers_best_model(tmp_path) -> None:
     """The real searcher: the distill cell is suggested only once its teacher cell's search has ended, with the
     teacher's best model; a teacher whose every trial failed leaves the distill cell skipped, and the study ends."""

@@ -120,6 +120,8 @@ class StudyPlan:
             registered method's name.
         label_fractions: shares of the labelled training subjects, e.g. ``[0.1, 0.25, 1.0]``: every cell runs
             at each (nested subsets, the same subjects for every cell at a study seed); empty: all labels.
+        left_out: the cells a preset grid left out because their strategy cannot run on their backbone at
+            this width (cell id -> the reason); the launcher logs them.
     """
 
     name: str
@@ -142,6 +144,7 @@ class StudyPlan:
     splits: dict = field(default_factory=dict)
     pretrained: dict = field(default_factory=dict)
     label_fractions: list = field(default_factory=list)
+    left_out: dict = field(default_factory=dict)  # cell id -> why a preset grid left it out at this width
 
     def __post_init__(self) -> None:
         self.pretrained = check_pretrained(self.pretrained)
@@ -175,6 +178,10 @@ class StudyPlan:
                 raise StudyInputError(
                     f"cell {cell.id}: {cell.backbone} needs an input size that is a multiple of {info.input_multiple}, "
                     f"got {tuple(self.input_size)}")
+            why = STRATEGIES.get(cell.strategy).why_unfit(cell.backbone, self.backbone_width(cell.backbone),
+                                                          (cell.params or {}).get("strategy_params"))
+            if why:
+                raise StudyInputError(f"cell {cell.id}: {why}")
             teacher = cell.teacher_id
             if teacher is not None and teacher not in ids:
                 raise StudyInputError(
@@ -220,8 +227,7 @@ class StudyPlan:
 
     def backbone_width(self, backbone: str) -> int:
         """The plan's width rounded to the backbone's ``width_step`` (SwinUNETR: a multiple of 12)."""
-        step = backbone_info(backbone).width_step
-        return step * max(1, round(self.width / step))
+        return rounded_width(backbone, self.width)
 
     def pretrain_jobs(self) -> list[tuple[str, str]]:
         """Distinct (method, backbone) pre-training jobs, in grid order.
@@ -236,6 +242,12 @@ class StudyPlan:
     def external_jobs(self) -> list[tuple[str, str]]:
         """Distinct (external checkpoint name, backbone) pairs of the grid, in grid order."""
         return list(dict.fromkeys(c.pretrain_key for c in self.cells if c.pretrain in self.pretrained))
+
+
+def rounded_width(backbone: str, width: int) -> int:
+    """``width`` rounded to the backbone's ``width_step`` (SwinUNETR: a multiple of 12)."""
+    step = backbone_info(backbone).width_step
+    return step * max(1, round(width / step))
 
 
 def check_fractions(fractions: object) -> list[float]:
@@ -331,6 +343,19 @@ def full_grid(name: str = "full", budget: str = "laptop") -> StudyPlan:
     return StudyPlan(name=name, cells=cells, **BUDGETS[budget])
 
 
+def leave_out_unfit(cells: list[Cell], width: int) -> tuple[list[Cell], dict[str, str]]:
+    """The cells whose strategy can run on their backbone at ``width``, and the others' ids with the reason
+    (e.g. a distillation student that could not be narrower than its teacher)."""
+    kept, left_out = [], {}
+    for cell in cells:
+        why = STRATEGIES.get(cell.strategy).why_unfit(cell.backbone, rounded_width(cell.backbone, width))
+        if why:
+            left_out[cell.id] = why
+        else:
+            kept.append(cell)
+    return kept, left_out
+
+
 GRIDS = {"smoke": smoke_grid, "full": full_grid}
 GRID_DEFAULT_BUDGET = {"smoke": "smoke"}
 
@@ -372,8 +397,13 @@ def select_plan(grid: str, *, budget: str | None = None, methods: list[str] | No
     cells = [c for c in cells if (not methods or c.pretrain in methods or c.pretrain in new)
              and (not strategies or c.strategy in strategies)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    left_out: dict[str, str] = {}
+    if not grid.endswith((".yaml", ".yml")):  # a preset crosses everything: leave out what cannot run at this width
+        cells, left_out = leave_out_unfit(cells, int(overrides.get("width", plan.width)))
+        if not cells and left_out:
+            raise StudyInputError(f"no cell of the grid can run: {next(iter(left_out.values()))}")
     fractions = check_fractions(overrides.pop("label_fractions", None) or plan.label_fractions)
     if fractions:  # every cell at each share of the labelled training subjects
         cells = [*(replace(c, fraction=f) for f in fractions for c in cells if c.fraction == 1.0),
                  *(c for c in cells if c.fraction != 1.0)]
-    return replace(plan, cells=cells, pretrained=pretrained, label_fractions=fractions, **overrides)
+    return replace(plan, cells=cells, pretrained=pretrained, label_fractions=fractions, left_out=left_out, **overrides)

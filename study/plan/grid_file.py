@@ -31,7 +31,7 @@ from trainables.engine import TrainConfig
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 
-_PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
+_PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name", "left_out"}
 _CELL_KEYS = {"pretrain", "strategy", "backbone", "num_samples", "params", "fraction", "teacher"}
 _TRAIN_SEARCHED = {"lr_encoder", "lr_decoder", "lr_heads", "weight_decay", "seg_weight", "cls_weight"}
 

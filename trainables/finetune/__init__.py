@@ -43,6 +43,12 @@ class Strategy:
     schedule: Callable[[nn.Module, Any, int], Any] | None = None
     needs_teacher: bool = False  # learns from its teacher cell's best model (distillation)
     from_scratch: bool = False  # builds its own network: pre-training does not reach it (crossed with `none` only)
+    # (backbone, width, the cell's fixed strategy params) -> why the strategy cannot run there, or None
+    unfit: Callable[[str, int, dict], str | None] | None = None
+
+    def why_unfit(self, backbone: str, width: int, params: dict | None = None) -> str | None:
+        """Why this strategy cannot run on ``backbone`` at ``width`` (None: it can)."""
+        return self.unfit(backbone, width, dict(params or {})) if self.unfit is not None else None
 
     def make_config(self, params: dict | None = None) -> Any:
         """The typed config from a plain dict; unknown keys raise :class:`StudyInputError`."""
@@ -67,13 +73,14 @@ def no_own_hyperparameters(trial: Any) -> dict:
 
 def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] = no_own_hyperparameters, *,
                       schedule: Callable[[nn.Module, Any, int], Any] | None = None, needs_teacher: bool = False,
-                      from_scratch: bool = False) -> Callable:
+                      from_scratch: bool = False, unfit: Callable[[str, int, dict], str | None] | None = None) -> Callable:
     """Decorator for an ``apply(model, cfg)`` function: registers it with its config class and search space
     (and, for a staged strategy, its ``schedule``; for distillation, ``needs_teacher``; for a network built
-    from scratch, ``from_scratch``)."""
+    from scratch, ``from_scratch``; for one that cannot run on every backbone and width, ``unfit``)."""
 
     def deco(apply: Callable) -> Callable:
-        STRATEGIES.register(name)(Strategy(name, config_cls, apply, space, schedule, needs_teacher, from_scratch))
+        STRATEGIES.register(name)(Strategy(name, config_cls, apply, space, schedule, needs_teacher, from_scratch,
+                                           unfit))
         return apply
 
     return deco

@@ -16,6 +16,7 @@ moving a pre-trained model's knowledge into a new, usually smaller, downstream m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,11 +61,29 @@ class DistillConfig(StudentConfig):
             raise StudyInputError(f"teacher must be the path of a fine-tuned model.pt (or empty), got {self.teacher!r}")
 
 
+def student_width(backbone: str, teacher_width: int, fraction: float) -> int:
+    """The student's width: ``fraction`` of the teacher's, rounded to the backbone's width step, and at
+    least 4 (SwinUNETR: 12, its width step)."""
+    step = backbone_info(backbone).width_step
+    narrowest = step * math.ceil(4 / step)
+    return max(narrowest, step * round(teacher_width * fraction / step))
+
+
+def no_narrower_student(backbone: str, width: int, params: dict) -> str | None:
+    """Why a student cannot be narrower than its ``width`` teacher on ``backbone`` (None: it can)."""
+    if params.get("student_backbone"):
+        return None  # another backbone: its size is the user's choice
+    narrowest = student_width(backbone, width, 0.0)
+    if narrowest < width:
+        return None
+    return (f"on {backbone} at width {width} the narrowest student (width {narrowest}) is as wide as its teacher; "
+            f"use --width {2 * narrowest} or more for a student that is smaller than its teacher")
+
+
 def student_backbone(teacher: MultiTaskNet, cfg: StudentConfig) -> MultiTaskNet:
     """A new, randomly initialised student for the teacher's task."""
     name = cfg.student_backbone or teacher.config.name
-    step = backbone_info(name).width_step
-    width = max(4, step * max(1, round(teacher.config.width * cfg.student_width / step)))
+    width = student_width(name, teacher.config.width, cfg.student_width)
     return build_backbone(BackboneConfig(name, width=width, dropout=teacher.config.dropout), teacher.task)
 
 
@@ -172,14 +191,14 @@ def _student(model: MultiTaskNet, cfg: StudentConfig, **kwargs) -> DistillStuden
     return wrapper
 
 
-@register_strategy("distill", DistillConfig, space=distill_space, needs_teacher=True)
+@register_strategy("distill", DistillConfig, space=distill_space, needs_teacher=True, unfit=no_narrower_student)
 def apply_distill(model: MultiTaskNet, cfg: DistillConfig) -> DistillStudent:
     """A new student that learns from the teacher's soft targets and the labels; ``model`` (the teacher's
     architecture) only gives the student its task and width."""
     return _student(model, cfg, teacher_path=cfg.teacher, temperature=cfg.temperature, soft_weight=cfg.soft_weight)
 
 
-@register_strategy("student", StudentConfig, space=student_space, from_scratch=True)
+@register_strategy("student", StudentConfig, space=student_space, from_scratch=True, unfit=no_narrower_student)
 def apply_student(model: MultiTaskNet, cfg: StudentConfig) -> DistillStudent:
     """The distillation student trained on the labels alone, from scratch (the twin of ``distill``)."""
     return _student(model, cfg)
