@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from trainables.data import (
 from trainables.errors import StudyInputError
 from trainables.task import default_task
 
-_MIN_POOL_SUBJECTS = 24
+# A pool process spends seconds importing torch and MONAI before its first subject (about 10 s on 2 busy
+# cores): subjects go to a pool only when the ones timed in this process say the rest would take longer.
+POOL_STARTUP_S = 10.0
+_TIMED_SUBJECTS = 2
 
 
 @dataclass
@@ -90,10 +94,13 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
                       cluster: bool = False) -> list[SubjectSummary]:
     """Preprocess (and cache) every subject; return one summary per subject, in ``records``' order.
 
-    ``workers``: processes of the local pool (default: the machine's cores, or this process alone for
-    up to 24 subjects to preprocess). ``cluster``: run missing
-    registrations as Ray tasks (Ray must be initialised). Raises StudyInputError at the first subject that
-    fails (unreadable, a registration that fails its check), naming it.
+    ``workers``: processes of the local pool (default: the machine's cores). The first subjects are
+    preprocessed in this process and timed; the rest go to the pool only when they would take longer
+    than a pool's start-up (:data:`POOL_STARTUP_S`): registering a whole-head scan takes seconds, resampling
+    an embedded subject milliseconds. ``workers=1``: this process alone; ``workers`` > 1 given: the pool
+    after the first subject. ``cluster``: run missing registrations as Ray tasks (Ray must be initialised).
+    Raises StudyInputError at the first subject that fails (unreadable, a registration that fails its
+    check), naming it.
     """
     from tqdm import tqdm
 
@@ -105,31 +112,39 @@ def preprocess_cohort(cfg: DataConfig, records: list[SubjectRecord], workers: in
         if unregistered:
             with tqdm(total=len(unregistered), desc="registering (Ray tasks)", unit="subject", **bar) as progress:
                 _register_on_cluster(unregistered, progress)
-    if workers is None:  # a new process costs seconds of imports: a handful of subjects is quicker in this one
-        workers = (os.cpu_count() or 1) if len(todo) > _MIN_POOL_SUBJECTS else 1
-    workers = max(1, min(workers, len(todo)))
+    chosen = workers is not None  # workers given: no timing decides
+    workers = max(1, workers or os.cpu_count() or 1)
     done: dict[str, SubjectSummary] = {}  # what was just preprocessed, so that it is not read back
     if todo:
         what = "registering + resampling" if any(roi_mode(r, cfg) == "register" for r in todo) else "preprocessing"
         with tqdm(total=len(todo), desc=what, unit="subject", **bar) as progress:
-            if workers == 1:
-                for rec in todo:
-                    done[rec.subject_id] = _summarise(rec, cfg)
-                    progress.update(1)
-            else:  # spawn: the launcher's threads (MLflow, Ray) must not be forked
-                context = multiprocessing.get_context("spawn")
-                with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                    jobs = [pool.submit(_summarise, rec, cfg) for rec in todo]
-                    try:
-                        for job in futures.as_completed(jobs):
-                            summary = job.result()
-                            done[summary.subject_id] = summary
-                            progress.update(1)
-                    except BaseException:
-                        for job in jobs:
-                            job.cancel()
-                        raise
+            start, rest = time.perf_counter(), list(todo)
+            while rest:
+                n = len(todo) - len(rest)
+                if workers > 1 and n >= (1 if chosen else _TIMED_SUBJECTS) and (
+                        chosen or (time.perf_counter() - start) / n * len(rest) > POOL_STARTUP_S):
+                    _pool(rest, cfg, min(workers, len(rest)), done, progress)
+                    break
+                rec = rest.pop(0)
+                done[rec.subject_id] = _summarise(rec, cfg)
+                progress.update(1)
     return [done.get(rec.subject_id) or _summarise(rec, cfg) for rec in records]
+
+
+def _pool(records: list[SubjectRecord], cfg: DataConfig, workers: int, done: dict, progress) -> None:
+    """Preprocess ``records`` in a pool of ``workers`` processes, into ``done``."""
+    context = multiprocessing.get_context("spawn")  # spawn: the launcher's threads (MLflow, Ray) must not be forked
+    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        jobs = [pool.submit(_summarise, rec, cfg) for rec in records]
+        try:
+            for job in futures.as_completed(jobs):
+                summary = job.result()
+                done[summary.subject_id] = summary
+                progress.update(1)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
 
 
 def describe(summaries: list[SubjectSummary], classes: tuple[str, ...] | None = None) -> list[str]:
