@@ -11,10 +11,12 @@ import os
 import tempfile
 import time
 
-import torch
 from ray import tune
 
-from trainables.trials import parse_trial, run_trial
+# torch, MONAI and peft are imported by the first trial, not when Ray starts the actor: Tune starts an actor
+# for a pending trial and hands that trial to an actor that frees up first; an actor that spent ~10 s on
+# imports before it could take a trial was then killed unused, over and over, taking a core from the
+# running trials (short trials, 2 cores: one trial ran at a time). Started in ~2 s, it takes a trial.
 
 _STATE_FILE = "state.pt"
 
@@ -39,6 +41,10 @@ def _node_id() -> str:
 
 def study_trainable(config: dict) -> None:
     """Run one study trial under Ray Tune."""
+    import torch
+
+    from trainables.trials import parse_trial, run_trial
+
     torch.set_num_threads(_threads_for_trial())
     resume = None
     checkpoint = tune.get_checkpoint()
