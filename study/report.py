@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import logging
 import math
@@ -263,12 +262,10 @@ def best_params(run) -> dict:
 
 def write_best_configs(study: Study, path: Path) -> Path:
     """``best_configs.yaml``: the plan's sizes and every reported cell with its best hyperparameters fixed."""
-    from study.plan.grid import StudyPlan
-    from study.plan.grid_file import dump_grid_file
+    from study.plan.grid_file import PLAN_FIELDS, dump_grid_file
 
-    allowed = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name"}
     fields = {"name": f"{study.plan.get('name', 'study')}-best"}
-    fields.update({k: v for k, v in study.plan.items() if k in allowed and v is not None and k != "label_fractions"})
+    fields.update({k: v for k, v in study.plan.items() if k in PLAN_FIELDS and v is not None and k != "label_fractions"})
     cells = [{"pretrain": c.pretrain, "strategy": c.strategy, "backbone": c.backbone, "params": best_params(c.best),
               **({"fraction": c.fraction} if c.fraction != 1.0 else {})}  # the cells carry their label fraction
              for c in study.cells if c.best is not None]

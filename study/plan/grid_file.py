@@ -31,7 +31,8 @@ from trainables.engine import TrainConfig
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 
-_PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name", "left_out"}
+# the plan fields a grid file may set (not the cells, the name, or what the launcher derives: left_out)
+PLAN_FIELDS = {f.name for f in dataclasses.fields(StudyPlan)} - {"cells", "name", "left_out"}
 _CELL_KEYS = {"pretrain", "strategy", "backbone", "num_samples", "params", "fraction", "teacher"}
 _TRAIN_SEARCHED = {"lr_encoder", "lr_decoder", "lr_heads", "weight_decay", "seg_weight", "cls_weight"}
 
@@ -126,15 +127,15 @@ def load_grid_file(path: str | Path) -> StudyPlan:
     base = raw.get("base", "smoke")
     if not isinstance(base, str) or base not in BUDGETS:
         raise StudyInputError(f"grid file {path}: unknown base {base!r}; valid budgets: {', '.join(BUDGETS)}")
-    unknown = set(raw) - _PLAN_FIELDS - {"base", "cells", "name"}
+    unknown = set(raw) - PLAN_FIELDS - {"base", "cells", "name"}
     if unknown:
         raise StudyInputError(f"grid file {path}: unknown keys {sorted(unknown)}; allowed: "
-                              f"{sorted(_PLAN_FIELDS | {'base', 'cells', 'name'})}")
+                              f"{sorted(PLAN_FIELDS | {'base', 'cells', 'name'})}")
     cells = raw.get("cells")
     if not isinstance(cells, list) or not cells:
         raise StudyInputError(f"grid file {path}: 'cells' must be a non-empty list")
     plan = StudyPlan(name="grid", cells=[Cell("none", "full", DEFAULT_BACKBONE)], **BUDGETS[base])
-    overrides = {k: raw[k] for k in raw if k in _PLAN_FIELDS}
+    overrides = {k: raw[k] for k in raw if k in PLAN_FIELDS}
     for key, value in overrides.items():
         default = getattr(plan, key)
         if key == "input_size":
