@@ -146,3 +146,9 @@ def test_the_variation_between_runs_widens_the_difference_from_the_best() -> Non
     assert with_runs.cells["other"].ci["score"] == pytest.approx((est - half_own, est + half_own), rel=0.05)
     assert with_runs.cells["other"].subjects_ci == pytest.approx(subjects_only.cells["other"].ci["score"])
     assert with_runs.typical_half_width() == pytest.approx(subjects_only.typical_half_width(), rel=0.1)
+    # P(best) takes the runs' variation too: for two cells, P(d + run noise > 0) = Phi(point / se), with se as in
+    # the interval above; on the test subjects alone the better cell wins (nearly) every resample
+    assert subjects_only.cells["best"].p_best > 0.99
+    expected = scipy_stats.norm.cdf(point / (half / 1.959964))
+    assert with_runs.cells["best"].p_best == pytest.approx(expected, abs=0.03)
+    assert with_runs.cells["best"].p_best + with_runs.cells["other"].p_best == pytest.approx(1.0)

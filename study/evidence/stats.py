@@ -256,7 +256,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             with repeats). Given, each cell's test-score interval and its difference from the best are
             normal intervals over the test subjects (bootstrap, every run of a cell in every resample) and
             this variation (``sd^2 / k`` for a cell, ``sd^2 (1/k_best + 1/k_cell)`` for a difference, ``k``
-            the runs), so that a cell with one run does not look surer than it is.
+            the runs), so that a cell with one run does not look surer than it is; P(best) then draws each
+            cell's training-run variation (normal, ``sd^2 / k``) into every resample.
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -317,7 +318,11 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         for cell, adjusted in zip(raw, holm(list(raw.values())), strict=True):
             cells[cell].wilcoxon_p, cells[cell].holm_p = raw[cell], adjusted
 
-    scores = np.stack([samples[c]["score"] for c in cells])  # (cells, resamples)
+    if between_run_sd is None:
+        scores = np.stack([samples[c]["score"] for c in cells])  # (cells, resamples)
+    else:  # as in the intervals: the test subjects' resampling plus one run's variation, sd^2 / k, per cell
+        scores = np.stack([subject_only[c] + rng.normal(0.0, between_run_sd / np.sqrt(cells[c].runs), resamples)
+                           for c in cells])
     top = scores == np.nanmax(scores, axis=0, keepdims=True)
     share = top / np.maximum(top.sum(axis=0, keepdims=True), 1)  # a tie shares the win
     for stat, p in zip(cells.values(), share.mean(axis=1), strict=True):

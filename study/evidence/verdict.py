@@ -43,7 +43,7 @@ def verdict(comparison: Comparison) -> list[str]:
     pct = f"{100 * c.confidence:.0f}%"
     how = (f"{pct} intervals from {c.resamples} bootstrap resamples of the {len(c.subjects)} test subjects"
            + (" and of each cell's repeats, seed re-runs or race rounds" if c.seeds_resampled else "")
-           + ("; the test-score intervals also include the variation between training runs"
+           + ("; the test-score intervals and this share also include the variation between training runs"
               if c.between_run_sd is not None else ""))
     best = c.cells[c.best]
     lines = [f"Best cell: {c.best}, test score {best.estimate['score']:.3f} {_ci(best.ci['score'])} "
