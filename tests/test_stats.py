@@ -152,3 +152,11 @@ def test_the_variation_between_runs_widens_the_difference_from_the_best() -> Non
     expected = scipy_stats.norm.cdf(point / (half / 1.959964))
     assert with_runs.cells["best"].p_best == pytest.approx(expected, abs=0.03)
     assert with_runs.cells["best"].p_best + with_runs.cells["other"].p_best == pytest.approx(1.0)
+    # so do the difference from the reference and the group differences (the label verdict's, the claims')
+    against = compare(runs, reference="other", seed=1, between_run_sd=0.05)
+    vs_ref = against.cells["best"].vs_reference["score"]
+    assert vs_ref["difference"] == pytest.approx(point)
+    assert vs_ref["ci"] == pytest.approx((point - half, point + half), rel=0.05)
+    group = against.group_difference(["best"], ["other"], "score")
+    assert group["ci"] == pytest.approx((point - half, point + half), rel=0.05)
+    assert subjects_only.group_difference(["best"], ["other"], "score")["ci"][0] > 0  # resolved on subjects alone

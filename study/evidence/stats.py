@@ -201,6 +201,8 @@ class Comparison:
     missing: list[str]  # cells without per-case results (not compared)
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     between_run_sd: float | None = None  # the variation between runs added to the differences from the best
+    # cell -> test score per resample with every run of the cell in every resample (the test subjects only)
+    subject_samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def tied_with_best(self) -> list[str]:
         """The cells the data cannot tell apart from the best (the best included), best score first."""
@@ -232,10 +234,29 @@ class Comparison:
             return None
         point = (np.mean([self.cells[c].estimate[metric] for c in group])
                  - np.mean([self.cells[c].estimate[metric] for c in others]))
+        out = {"difference": float(point), "cells": len(group), "other_cells": len(others)}
+        if self.between_run_sd is not None and metric == "score" and self.subject_samples:
+            # as for the difference from the best: the test subjects' variance plus each cell's sd^2 / k,
+            # averaged over its group (sd^2 * sum(1/k) / n^2 per group)
+            d = (np.mean([self.subject_samples[c] for c in group], axis=0)
+                 - np.mean([self.subject_samples[c] for c in others], axis=0))
+            runs = sum(1 / self.cells[c].runs for c in group) / len(group) ** 2 + sum(
+                1 / self.cells[c].runs for c in others) / len(others) ** 2
+            return {**out, "ci": with_run_variation(point, d, self.between_run_sd**2 * runs, self.confidence)}
         diff = (np.mean([self.samples[c][metric] for c in group], axis=0)
                 - np.mean([self.samples[c][metric] for c in others], axis=0))
-        return {"difference": float(point), "ci": interval(diff, self.confidence), "cells": len(group),
-                "other_cells": len(others)}
+        return {**out, "ci": interval(diff, self.confidence)}
+
+
+def with_run_variation(point: float, subject_samples: np.ndarray, run_variance: float,
+                       confidence: float) -> tuple[float, float]:
+    """A normal interval around ``point`` whose variance is the bootstrap variance over the test subjects
+    (``subject_samples``, every run of a cell in every resample) plus ``run_variance`` (the training runs':
+    ``sd^2 / k`` for a cell, summed over the cells of a difference)."""
+    finite = subject_samples[np.isfinite(subject_samples)]
+    se = np.sqrt((np.var(finite, ddof=1) if finite.size > 1 else 0.0) + run_variance)
+    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+    return float(point - z * se), float(point + z * se)
 
 
 def compare(runs: dict[str, list[Cases]], reference: str | None = None, resamples: int = RESAMPLES,
@@ -256,7 +277,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             with repeats). Given, each cell's test-score interval and its difference from the best are
             normal intervals over the test subjects (bootstrap, every run of a cell in every resample) and
             this variation (``sd^2 / k`` for a cell, ``sd^2 (1/k_best + 1/k_cell)`` for a difference, ``k``
-            the runs), so that a cell with one run does not look surer than it is; P(best) then draws each
+            the runs), so that a cell with one run does not look surer than it is; so are the test score's
+            difference from the reference and :meth:`Comparison.group_difference`; P(best) then draws each
             cell's training-run variation (normal, ``sd^2 / k``) into every resample.
     """
     missing = sorted(c for c, r in runs.items() if not r)
@@ -295,10 +317,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             if metric == "score":
                 stat.subjects_ci = interval(subject_only[cell], confidence)
                 if between_run_sd is not None:  # the training runs' variation too (see vs_best below)
-                    finite = subject_only[cell][np.isfinite(subject_only[cell])]
-                    se = np.sqrt((np.var(finite, ddof=1) if finite.size > 1 else 0.0) + between_run_sd**2 / len(rs))
-                    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
-                    stat.ci[metric] = (float(stat.estimate[metric] - z * se), float(stat.estimate[metric] + z * se))
+                    stat.ci[metric] = with_run_variation(stat.estimate[metric], subject_only[cell],
+                                                         between_run_sd**2 / len(rs), confidence)
         cells[cell] = stat
 
     reference = reference if reference in cells else None
@@ -309,10 +329,13 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             if cell == reference:
                 continue
             for metric in METRICS:
-                diff = samples[cell][metric] - samples[reference][metric]
-                stat.vs_reference[metric] = {
-                    "difference": stat.estimate[metric] - cells[reference].estimate[metric],
-                    "ci": interval(diff, confidence)}
+                point = stat.estimate[metric] - cells[reference].estimate[metric]
+                if metric == "score" and between_run_sd is not None:  # as for the difference from the best
+                    ci = with_run_variation(point, subject_only[cell] - subject_only[reference],
+                                            between_run_sd**2 * (1 / stat.runs + 1 / cells[reference].runs), confidence)
+                else:
+                    ci = interval(samples[cell][metric] - samples[reference][metric], confidence)
+                stat.vs_reference[metric] = {"difference": point, "ci": ci}
             subject_dice = np.mean([x.dice.mean(axis=1) for x in runs[cell]], axis=0)
             raw[cell] = wilcoxon_p(subject_dice, ref_subject_dice)
         for cell, adjusted in zip(raw, holm(list(raw.values())), strict=True):
@@ -335,17 +358,13 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         if between_run_sd is None:
             lo, hi = interval(samples[best]["score"] - samples[cell]["score"], confidence)
         else:
-            d = subject_only[best] - subject_only[cell]
-            d = d[np.isfinite(d)]
-            se = np.sqrt((np.var(d, ddof=1) if d.size > 1 else 0.0)
-                         + between_run_sd**2 * (1 / cells[best].runs + 1 / stat.runs))
-            point = cells[best].estimate["score"] - stat.estimate["score"]
-            z = scipy_stats.norm.ppf(0.5 + confidence / 2)
-            lo, hi = float(point - z * se), float(point + z * se)
+            lo, hi = with_run_variation(cells[best].estimate["score"] - stat.estimate["score"],
+                                        subject_only[best] - subject_only[cell],
+                                        between_run_sd**2 * (1 / cells[best].runs + 1 / stat.runs), confidence)
         stat.vs_best = {"difference": cells[best].estimate["score"] - stat.estimate["score"], "ci": (lo, hi)}
         stat.indistinguishable_from_best = bool(lo <= 0.0)
     return Comparison(cells, common, reference, best, resamples, confidence, seeds_resampled, missing, samples,
-                      between_run_sd)
+                      between_run_sd, subject_only)
 
 
 def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
