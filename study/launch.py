@@ -401,6 +401,12 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
         if not study_file.exists():
             raise StudyInputError(f"--resume {output}: no {STUDY_FILE} there; is it a study folder?")
         saved = json.loads(study_file.read_text())
+        started = saved.get("folder")  # absent in a study started before it was recorded
+        if started and Path(started) != output:
+            raise StudyInputError(
+                f"--resume {output}: this study was started in {started} and has been moved or copied; its Tune "
+                f"state, Optuna journal and trial configs name files there. Resume it where it started "
+                f"(move it back to {started}, or mount it at that path), or start a new study")
         args.grid = saved["args"]["grid"]
         for key, value in saved["args"].items():
             setattr(args, key, value if key not in ("address",) else args.address)
@@ -476,7 +482,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                            artifact_location=artifacts)
     if not resume:
         study = {"args": saved_args(args), "parent_run_id": tracker.parent_run_id, "plan": asdict(plan),
-                 "task": task.to_dict()}
+                 "task": task.to_dict(), "folder": str(output)}
         atomic_write_text(study_file, json.dumps(study, indent=2, default=str))
     if external:
         tracker.log_pretrained_reports(external)

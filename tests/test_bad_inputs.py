@@ -7,6 +7,7 @@ launcher's CLI, together with grid files and CLI arguments. Everything is reject
 from __future__ import annotations
 
 import csv
+import json
 import socket
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def test_output_folder_holding_another_study(tmp_path, capsys) -> None:
     out.mkdir()
     (out / "study.json").write_text("{}")
     assert "already holds a study; continue it with --resume" in _run(["--grid", "smoke", "--output", str(out)], capsys)
+
+
+def test_a_moved_study_folder_is_refused_on_resume_saying_where_it_started(tmp_path, capsys) -> None:
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    study = {"args": {"grid": "smoke"}, "parent_run_id": "abc", "plan": {}, "folder": str(tmp_path / "started")}
+    (moved / "study.json").write_text(json.dumps(study))
+    before = sorted(p.name for p in moved.iterdir())
+    err = _run(["--resume", str(moved)], capsys)
+    assert f"this study was started in {tmp_path / 'started'} and has been moved or copied" in err
+    assert f"move it back to {tmp_path / 'started'}" in err
+    assert sorted(p.name for p in moved.iterdir()) == before  # nothing written
 
 
 def test_corrupt_image_names_the_subject(tiny_cohort_copy, tmp_path, capsys) -> None:
