@@ -21,6 +21,7 @@ from ray.tune.search import Searcher
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
 from study.evidence.racing import Race
 from study.plan.grid import Cell, StudyPlan, pretrain_id
+from study.run.tracking import case_rows
 from trainables.atomic import atomic_write
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
@@ -54,19 +55,6 @@ def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, di
     if clash:
         raise StudyInputError(f"search space of {strategy!r} reuses training parameter names {sorted(clash)}")
     return train, params
-
-
-def _case_rows(result: dict) -> list | None:
-    """The per-case test rows a fine-tuning trial reports (a JSON text under ``test_cases``), or None."""
-    from study.run.tracking import TEST_CASES
-
-    cases = result.get(TEST_CASES)
-    if isinstance(cases, str):
-        try:
-            cases = json.loads(cases)
-        except ValueError:
-            return None
-    return cases if isinstance(cases, list) and cases else None
 
 
 @dataclass
@@ -315,7 +303,7 @@ class StudySearcher(Searcher):
             state, value = optuna.trial.TrialState.COMPLETE, float(result[self.score_metric])
             if live.key not in st.best or value > st.best[live.key][0]:
                 st.best[live.key] = (value, *asked)
-                st.best_rows[live.key] = _case_rows(result)
+                st.best_rows[live.key] = case_rows(result)
                 st.best_model[live.key] = str(result.get("model_path") or "")
         if live.number >= 0:
             study = self.study(live.key)
@@ -328,7 +316,7 @@ class StudySearcher(Searcher):
         race = self.state.race
         if race is None or live.number != race.round:  # a repeat of a round already evaluated
             return
-        rows = None if error or not result else _case_rows(result)
+        rows = None if error or not result else case_rows(result)
         reason = ("the repeat failed after its retries (its reason: the failure_reason tag of its MLflow run)"
                   if error or not result else "" if rows else "the repeat reported no per-case test results")
         race.record(live.key, rows, reason)

@@ -303,9 +303,7 @@ class MLflowTrialCallback(Callback):
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         tags += [RunTag(k, str(result[k])) for k in (*RESULT_TAGS, "hostname") if result.get(k) is not None]
-        cases = result.get(TEST_CASES)
-        if isinstance(cases, str):
-            cases = json.loads(cases)
+        cases = case_rows(result)
 
         def op() -> None:
             run_id = self._run_for(trial)
@@ -346,6 +344,17 @@ class MLflowTrialCallback(Callback):
 # The per-case test results a fine-tuning trial reports with its last epoch, and the artifact they become.
 TEST_CASES = "test_cases"
 TEST_CASES_FILE = "test_cases.json"
+
+
+def case_rows(result: dict) -> list | None:
+    """The per-case test rows a fine-tuning trial reports (a JSON text under ``test_cases``), or None."""
+    cases = result.get(TEST_CASES)
+    if isinstance(cases, str):
+        try:
+            cases = json.loads(cases)
+        except ValueError:
+            return None
+    return cases if isinstance(cases, list) and cases else None
 
 
 def cases_to_columns(rows: list[dict]) -> dict[str, list]:
