@@ -18,7 +18,6 @@ and ``DIR/cohort.json`` (parameters and checksums; a matching complete cohort is
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from study.cli import OneLineParser, run_command
 from trainables.atomic import atomic_write, atomic_write_text
 from trainables.data import check_splits
 from trainables.errors import StudyInputError
@@ -432,14 +432,9 @@ def parse_splits(text: str) -> dict[str, int]:
     return check_splits(sizes)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 via main(), no usage dump
-        raise StudyInputError(f"{message} (see python -m study.cohort --help)")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    parser = _Parser(prog="python -m study.cohort", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m study.cohort", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the cohort into")
     parser.add_argument("--subjects", type=int, default=24, help="number of subjects (>= 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same voxels)")
@@ -447,15 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--difficulty", type=float, default=1.0, help="0.5 easy, 1 default, 2 hard")
     parser.add_argument("--splits", help="subjects per split, e.g. pretrain=200,train=24,val=80,test=120 "
                         "(replaces --subjects; default ~40/30/15/15%% of --subjects)")
-    try:
-        args = parser.parse_args(argv)
-        manifest = generate_cohort(args.output, args.subjects, args.seed, args.spacing, args.difficulty,
-                                   splits=parse_splits(args.splits) if args.splits else None)
-    except StudyInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(manifest)
-    return 0
+
+    def write(args) -> None:
+        print(generate_cohort(args.output, args.subjects, args.seed, args.spacing, args.difficulty,
+                              splits=parse_splits(args.splits) if args.splits else None))
+
+    return run_command(parser, argv, write)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ def _comma(value: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__.split("\n")[0])
+    from study.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m study.launch", description=__doc__.split("\n")[0])
     p.add_argument("--grid", default="full", help=f"grid preset ({', '.join(GRIDS)}) or a grid FILE.yaml")
     p.add_argument("--budget", choices=None, help="smoke | laptop | paper: sizes, epochs and trials "
                    "(default: smoke for --grid smoke; else laptop without a GPU, paper with one)")
@@ -598,9 +600,8 @@ def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        run_study(args)
+        run_study(build_parser().parse_args(argv))
         return 0
     except StudyInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

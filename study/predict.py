@@ -20,7 +20,6 @@ roi come from ``model_info.json`` next to the model (registered models have it) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from study.cli import OneLineParser, run_command
 from trainables.errors import StudyInputError, not_a_file
 from trainables.registration import MIN_NCC, ROI_MODES
 
@@ -207,14 +207,9 @@ def class_lines(pred: Prediction, task) -> list[str]:
     return lines
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 via main(), no usage dump
-        raise StudyInputError(f"{message} (see python -m study.predict --help)")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    parser = _Parser(prog="python -m study.predict", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m study.predict", description=__doc__.split("\n")[0])
     parser.add_argument("image", help="a 3D T1 NIfTI image (.nii or .nii.gz)")
     parser.add_argument("--model", required=True, help="registered model NAME[@ALIAS] (default alias best) "
                         "or the path of a fine-tuned model.pt")
@@ -224,30 +219,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the image reaches the model's box (default: as the model was trained)")
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    try:
-        args = parser.parse_args(argv)
+
+    def predict(args) -> None:
+        from trainables.backbones import task_of
+
         image = Path(args.image)
         check_image(image)  # fail fast, before loading a model
         with tempfile.TemporaryDirectory() as tmp:
             model, info = load_model(args.model, args.tracking_uri, tmp)
         pred = predict_image(model, image, info["spacing_mm"], info["input_size"],
                              roi=args.roi or info.get("roi") or "none")
-        from trainables.backbones import task_of
-
         task = task_of(model)
         name = image.name.removesuffix(".gz").removesuffix(".nii")
         out = write_segmentation(pred, image, args.output or image.with_name(f"{name}_{task.name}.nii.gz"))
-    except StudyInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if pred.registration is not None:
-        reg = pred.registration
-        print(f"registration to the ICBM152 template: NCC {reg.ncc:.2f} inside the box (refused below "
-              f"{MIN_NCC}), scales {', '.join(f'{v:.2f}' for v in reg.scales)}, {reg.seconds:.1f} s")
-    for line in class_lines(pred, task):
-        print(line)
-    print(f"segmentation: {out}")
-    return 0
+        if pred.registration is not None:
+            reg = pred.registration
+            print(f"registration to the ICBM152 template: NCC {reg.ncc:.2f} inside the box (refused below "
+                  f"{MIN_NCC}), scales {', '.join(f'{v:.2f}' for v in reg.scales)}, {reg.seconds:.1f} s")
+        for line in class_lines(pred, task):
+            print(line)
+        print(f"segmentation: {out}")
+
+    return run_command(parser, argv, predict)
 
 
 if __name__ == "__main__":

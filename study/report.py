@@ -15,7 +15,6 @@ survivors with their intervals, and whether the race resolved the best.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import logging
@@ -588,20 +587,21 @@ def write_report(output_dir: str | Path, *, register: bool = True, log_to_mlflow
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.split("\n")[0])
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    from study.cli import OneLineParser, run_command
+
+    parser = OneLineParser(prog="python -m study.report", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="the study folder (python -m study.launch --output DIR)")
     parser.add_argument("--no-register", action="store_true", help="do not register the best models in MLflow")
     parser.add_argument("--reference", metavar="CELL", help="compare every cell with this one (default: the "
                         "study's --reference, else none__full__<backbone>)")
-    args = parser.parse_args(argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    try:
+
+    def report(args) -> None:
         out = write_report(args.folder, register=not args.no_register, reference=args.reference)
-    except StudyInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: {out / 'report.html'}")
-    return 0
+        print(f"report: {out / 'report.html'}")
+
+    return run_command(parser, argv, report)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ the title. Use it to check a cohort's registrations by eye.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from trainables.errors import StudyInputError
+from study.cli import OneLineParser, run_command
 
 _VIEW_MIN, _VIEW_MAX, _VIEW_MM = np.array([-80.0, -115.0, -60.0]), np.array([80.0, 85.0, 95.0]), 1.5
 
@@ -69,17 +68,10 @@ def render(image_path: str | Path, output: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    parser = argparse.ArgumentParser(prog="python -m study.roi_preview", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m study.roi_preview", description=__doc__.split("\n")[0])
     parser.add_argument("image", help="a 3D T1 NIfTI image (.nii or .nii.gz)")
     parser.add_argument("--output", default="roi.png", help="PNG to write (default roi.png)")
-    try:
-        args = parser.parse_args(argv)
-        path = render(args.image, args.output)
-    except StudyInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_command(parser, argv, lambda args: print(render(args.image, args.output)))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ CLI_CASES = [
     (["--checkpoint-every-s", "-5"], "--checkpoint-every-s must be a number of seconds >= 0"),
     (["--backbones", "swinunetr"], "swinunetr needs an input size that is a multiple of 32"),
     (["--cohort", "{tmp}/nowhere/manifest.csv"], "manifest"),
+    (["--num-samples", "abc"], "argument --num-samples: invalid int value: 'abc' (see python -m study.launch --help)"),
     (["--resume", "{tmp}/nothing-here"], "no study.json there"),
     (["--grid", "{tmp}"], "is a folder, not a file; give a grid FILE.yaml"),
     (["--grid", "{tmp}/folder.yaml"], "folder.yaml is a folder, not a file; give a grid FILE.yaml"),
@@ -104,6 +105,17 @@ def test_output_folder_holding_another_study(tmp_path, capsys) -> None:
     out.mkdir()
     (out / "study.json").write_text("{}")
     assert "already holds a study; continue it with --resume" in _run(["--grid", "smoke", "--output", str(out)], capsys)
+
+
+@pytest.mark.parametrize("command", ["report", "predict", "roi_preview", "cohort"])
+def test_every_commands_bad_arguments_are_one_line(command, capsys) -> None:
+    import importlib
+
+    main_of = importlib.import_module(f"study.{command}").main
+    code = main_of(["--no-such-option"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"(see python -m study.{command} --help)" in err
 
 
 def test_a_moved_study_folder_is_refused_on_resume_saying_where_it_started(tmp_path, capsys) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # study's rooms, lowest first: a room may import the rooms before it, never those after it
 ROOMS = ["plan", "evidence", "run"]
 COMMANDS = {"launch", "report", "report_render", "predict", "cohort", "roi_preview"}  # python -m study.<name>
+COMMAND_HELPERS = {"cli"}  # what the commands share (one-line errors, exit 2); imports no room, no command
 
 
 def imports(path: Path) -> set[str]:
@@ -60,4 +61,6 @@ def test_study_rooms_import_one_way(path: Path) -> None:
 
 def test_every_study_module_lives_in_a_room_or_is_a_command() -> None:
     top = {p.stem for p in (ROOT / "study").glob("*.py")} - {"__init__"}
-    assert top == COMMANDS
+    assert top == COMMANDS | COMMAND_HELPERS
+    for helper in COMMAND_HELPERS:
+        assert not [n for n in imports(ROOT / "study" / f"{helper}.py") if n.startswith("study.")], helper
