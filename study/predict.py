@@ -142,7 +142,7 @@ def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: 
 
     from trainables import registration
     from trainables.backbones import task_of
-    from trainables.data import DataConfig, SubjectRecord, normalise, preprocess_subject
+    from trainables.data import DataConfig, SubjectRecord, preprocess_subject
     from trainables.metrics import probabilities
 
     path = Path(image_path)
@@ -152,14 +152,9 @@ def predict_image(model, image_path: str | Path, spacing_mm: float, input_size: 
                      task=task.to_dict())
     reg = None
     if roi == "register":  # the training path (trainables.data) with the registration computed here, not stored
-        reg = registration.register(image, affine, where=f"image {path}")
-        problem = reg.problem()
-        if problem:
-            raise StudyInputError(f"image {path}: registration to the template failed its check: {problem}; "
-                                  "is it a whole-head T1? (--roi template for images already in MNI space)")
-        x = normalise(registration.resample_box(image, affine, reg.array, cfg.spacing_mm, cfg.input_size)[None])
-    else:
-        x = preprocess_subject(SubjectRecord("input", path, None, None, "test"), cfg).image
+        reg = registration.check(registration.register(image, affine, where=f"image {path}"), f"image {path}",
+                                 "is it a whole-head T1? (--roi template for images already in MNI space)")
+    x = preprocess_subject(SubjectRecord("input", path, None, None, "test"), cfg, reg).image
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(x)[None].float())

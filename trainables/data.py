@@ -328,13 +328,9 @@ def register_subject(rec: SubjectRecord, image: np.ndarray | None = None,
             image, affine, _ = load_checked(rec)
         reg = registration.register(image, affine, where=f"subject {rec.subject_id}: image {rec.image}")
         store_registration(rec, reg)
-    problem = reg.problem()
-    if problem:
-        raise StudyInputError(
-            f"subject {rec.subject_id}: registration of {rec.image} to the template failed its check: {problem}; "
-            "check the image (a whole-head T1?) or give its roi as template (MNI space) or none (already cropped)"
-        )
-    return reg
+    return registration.check(reg, f"subject {rec.subject_id}: image {rec.image}",
+                              "check the image (a whole-head T1?) or give its roi as template (MNI space) or none "
+                              "(already cropped)")
 
 
 @dataclass
@@ -365,14 +361,14 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return np.asarray(NormalizeIntensity(nonzero=True)(image), dtype=np.float32)
 
 
-def _preprocess_box(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
-    """Validated subject -> the study's MNI box, through its registration (or identity for roi template)."""
+def _preprocess_box(rec: SubjectRecord, cfg: DataConfig,
+                    reg: registration.Registration | None = None) -> Preprocessed:
+    """Validated subject -> the study's MNI box, through its registration (``reg`` when given, else the stored
+    or computed one; identity for roi template)."""
     task = cfg.task_spec
     image, affine, label = load_checked(rec, task)
-    if roi_mode(rec, cfg) == "register":
-        reg = register_subject(rec, image, affine)
-    else:
-        reg = registration.identity()
+    if reg is None:
+        reg = register_subject(rec, image, affine) if roi_mode(rec, cfg) == "register" else registration.identity()
     matrix = reg.array
     size = tuple(cfg.input_size)
     img = registration.resample_box(image, affine, matrix, cfg.spacing_mm, size)
@@ -390,10 +386,12 @@ def _preprocess_box(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
     return Preprocessed(normalise(img[None]), lab[None], matrix, reg.ncc, kept)  # type: ignore[arg-type]
 
 
-def preprocess_subject(rec: SubjectRecord, cfg: DataConfig) -> Preprocessed:
-    """One subject preprocessed for its roi mode (see :class:`DataConfig`)."""
+def preprocess_subject(rec: SubjectRecord, cfg: DataConfig,
+                       reg: registration.Registration | None = None) -> Preprocessed:
+    """One subject preprocessed for its roi mode (see :class:`DataConfig`); ``reg``: its registration to use
+    (roi register; ``predict`` computes one and stores nothing beside the user's image)."""
     if roi_mode(rec, cfg) != "none":
-        return _preprocess_box(rec, cfg)
+        return _preprocess_box(rec, cfg, reg)
     task = cfg.task_spec
     image, affine, label = load_checked(rec, task)  # before importing MONAI: bad input fails fast
     from monai.data import MetaTensor

@@ -87,6 +87,15 @@ class Registration:
         return None
 
 
+def check(reg: Registration, where: str, advice: str) -> Registration:
+    """``reg``, or :class:`StudyInputError` in one line: ``<where>: registration to the template failed its
+    check: <problem>; <advice>``."""
+    problem = reg.problem()
+    if problem:
+        raise StudyInputError(f"{where}: registration to the template failed its check: {problem}; {advice}")
+    return reg
+
+
 def identity() -> Registration:
     """The registration of an image already in template space (``--roi template``)."""
     return Registration(np.eye(4).tolist(), float("nan"), [1.0, 1.0, 1.0], 1.0, "template", 0.0)
