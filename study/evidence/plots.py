@@ -118,7 +118,7 @@ def plot_forest(rows: list[dict], path: Path, reference: str | None = None, betw
     ax.set_yticks(range(len(rows)), [r["label"] + (" (reference)" if r["label"] == reference else "")
                                      for r in rows], fontsize=7)
     ax.set_xlabel("test score with 95% CI (bootstrap over test subjects"
-                  + (" and the variation between training runs)" if between_runs else ")"))
+                  + (",\nand the variation between training runs)" if between_runs else ")"), fontsize=9)
     ax.set_title("Cells by test score: best (red), cannot be told apart from it (orange), the rest (grey)",
                  fontsize=9)
     ax.grid(alpha=0.3, axis="x")

@@ -48,7 +48,8 @@ def verdict(comparison: Comparison) -> list[str]:
     best = c.cells[c.best]
     lines = [f"Best cell: {c.best}, test score {best.estimate['score']:.3f} {_ci(best.ci['score'])} "
              f"(Dice {best.estimate['dice']:.3f} {_ci(best.ci['dice'])}, AUC {best.estimate['auc']:.3f} "
-             f"{_ci(best.ci['auc'])}); it is best in {100 * best.p_best:.0f}% of the resamples ({how})."]
+             f"{_ci(best.ci['auc'])}); it is best in {100 * best.p_best:.0f}% of the resamples ({how})"
+             + _more_often_best(c) + "."]
     if c.reference is None:
         lines.append("No reference cell with per-case results (the default, none__full, the from-scratch "
                      "baseline, is not in this study or has no finished trial, and --reference names none): no "
@@ -139,6 +140,15 @@ def label_verdict(cells: list, comparison: Comparison) -> list[str]:
         lines.append(f"Label efficiency: not resolved at any label fraction ({len(never)} comparison(s)): "
                      f"{'; '.join(never)}.")
     return lines
+
+
+def _more_often_best(c: Comparison) -> str:
+    """A clause naming the cell best in more resamples than the best on the point estimate, if there is one."""
+    rival = max((s for s in c.cells.values() if s.cell != c.best), key=lambda s: s.p_best, default=None)
+    if rival is None or rival.p_best <= c.cells[c.best].p_best:
+        return ""
+    return (f"; {rival.cell} is best in more of them ({100 * rival.p_best:.0f}%), so which of the two is best "
+            "is not settled")
 
 
 def _runs_note(c: Comparison) -> str:
