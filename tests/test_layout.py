@@ -64,3 +64,16 @@ def test_every_study_module_lives_in_a_room_or_is_a_command() -> None:
     assert top == COMMANDS | COMMAND_HELPERS
     for helper in COMMAND_HELPERS:
         assert not [n for n in imports(ROOT / "study" / f"{helper}.py") if n.startswith("study.")], helper
+
+
+def test_the_launcher_imports_no_monai_peft_mlflow_or_ray_before_it_runs() -> None:
+    """``--help`` and the argument checks answer in about 2 s: the heavy libraries are imported where they are
+    used (building a network, a trial, the tracker), not when the launcher, the grid or the registries load."""
+    import subprocess
+    import sys
+
+    code = ("import sys, study.launch, study.plan.grid, trainables.finetune, trainables.pretrain; "
+            "print(sorted(m for m in ('monai', 'peft', 'transformers', 'mlflow', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR
 from torch import nn
 
 from trainables.errors import StudyInputError
@@ -277,6 +276,8 @@ class UNetMultiTask(MultiTaskNet):
         w = cfg.width
         feats = (w, w, 2 * w, 4 * w, 8 * w, w)
         # group norm (not BasicUNet's default instance norm) so that a one-voxel bottleneck (16^3 inputs) trains
+        from monai.networks.nets import BasicUNet
+
         net = BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=self.task.seg_channels, features=feats,
                         norm=("group", {"num_groups": _groups(w)}))
         self.encoder = nn.ModuleList([net.conv_0, net.down_1, net.down_2, net.down_3, net.down_4])
@@ -307,6 +308,8 @@ class SegResNetMultiTask(MultiTaskNet):
     def __init__(self, cfg: BackboneConfig, task: TaskSpec | None = None) -> None:
         super().__init__(cfg, task)
         w = cfg.width
+        from monai.networks.nets import SegResNet
+
         net = SegResNet(
             spatial_dims=3,
             init_filters=w,
@@ -375,6 +378,8 @@ class SwinUNETRMultiTask(MultiTaskNet):
         super().__init__(cfg, task)
         step = BACKBONE_INFO["swinunetr"].width_step
         fs = step * max(1, round(cfg.width / step))
+        from monai.networks.nets import SwinUNETR
+
         net = SwinUNETR(
             in_channels=cfg.in_channels,
             out_channels=self.task.seg_channels,

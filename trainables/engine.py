@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import psutil
 import torch
-from monai.losses import DiceFocalLoss
 from torch import nn
 
 from trainables.backbones import MultiTaskNet, count_parameters
@@ -210,6 +209,8 @@ class MultiTaskLoss(nn.Module):
     def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0, task: TaskSpec | None = None) -> None:
         super().__init__()
         self.task = as_task(task)
+        from monai.losses import DiceFocalLoss
+
         self.seg = DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True)
         self.seg_weight, self.cls_weight = seg_weight, cls_weight
 

@@ -19,8 +19,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.utils import one_hot
 
 from trainables.classification_metrics import applicable, called_class
 from trainables.task import Target, TaskSpec, as_task
@@ -35,6 +33,9 @@ def segmentation_per_case(seg_logits: torch.Tensor, labels: torch.Tensor, spacin
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and foreground class ``(B, C - 1)``: Dice (empty truth and prediction count 1) and HD95 in mm
     (NaN unless both are non-empty), of argmax predictions against channel-index labels ``(B, 1, D, H, W)``."""
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from monai.networks.utils import one_hot
+
     channels = seg_logits.shape[1]
     pred = one_hot(seg_logits.argmax(dim=1, keepdim=True), channels)
     truth = one_hot(labels.long(), channels)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from monai.losses import PatchAdversarialLoss
-from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from trainables.backbones import MultiTaskNet
@@ -68,6 +66,9 @@ class Adversarial(PretrainObjective):
     def __init__(self, backbone: MultiTaskNet, cfg: AdversarialConfig) -> None:
         super().__init__(backbone, cfg)
         self.recon_head = self.voxel_head()
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
         self.discriminator = PatchDiscriminator(
             spatial_dims=3,
             channels=cfg.disc_channels,

@@ -13,23 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import (
-    Compose,
-    RandFlip,
-    RandGaussianNoise,
-    RandScaleCrop,
-    RandScaleIntensity,
-    RandShiftIntensity,
-    Resize,
-)
-from monai.utils import convert_to_tensor
 from torch import nn
 
 from trainables.backbones import MultiTaskNet
 from trainables.pretrain import PRETRAIN_METHODS, PretrainObjective, check
+
+if TYPE_CHECKING:  # MONAI is imported where it is used: importing this module stays cheap
+    from monai.transforms import Compose
 
 
 @dataclass
@@ -69,6 +63,16 @@ def augmentation(cfg: ContrastiveConfig, spatial_size: Sequence[int]) -> Compose
     resized back to ``spatial_size`` (trilinear); a flip of each axis with probability ``flip_prob``;
     intensity scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)``; Gaussian noise of std ``noise_std``.
     """
+    from monai.transforms import (
+        Compose,
+        RandFlip,
+        RandGaussianNoise,
+        RandScaleCrop,
+        RandScaleIntensity,
+        RandShiftIntensity,
+        Resize,
+    )
+
     return Compose(
         [
             RandScaleCrop(roi_scale=cfg.min_crop, max_roi_scale=1.0, random_size=True),
@@ -90,6 +94,8 @@ def augment_pair(
     generator; torch's global one if ``None``, which the pre-training seed seeds), so a seeded run draws
     the same views.
     """
+    from monai.utils import convert_to_tensor
+
     transform = augmentation(cfg, images.shape[2:])
     transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
 

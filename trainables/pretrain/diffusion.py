@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from trainables.backbones import MultiTaskNet
 from trainables.pretrain import PRETRAIN_METHODS, PretrainObjective, check
+
+if TYPE_CHECKING:  # MONAI is imported where it is used: importing this module stays cheap
+    from monai.networks.schedulers import DDPMScheduler
 
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 
@@ -59,6 +62,8 @@ class DiffusionConfig:
 
     def scheduler(self) -> DDPMScheduler:
         """MONAI's DDPM scheduler for this schedule."""
+        from monai.networks.schedulers import DDPMScheduler
+
         extra = (
             {} if self.schedule == "cosine" else {"beta_start": self.beta_start, "beta_end": self.beta_end}
         )

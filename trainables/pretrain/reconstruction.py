@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from monai.losses import SSIMLoss
 from torch import nn
 
 from trainables.backbones import MultiTaskNet
@@ -51,6 +50,8 @@ class ReconstructionLoss(nn.Module):
         super().__init__()
         self.pixel = pixel_loss(cfg.loss)
         self.ssim_weight = cfg.ssim_weight
+        from monai.losses import SSIMLoss
+
         self.ssim = SSIMLoss(spatial_dims=3, data_range=cfg.ssim_data_range, win_size=cfg.ssim_window)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
