@@ -18,8 +18,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from study.evidence.racing import CONFIRM_FILE, RACE_FILE, read_confirmation, read_race
 from study.evidence.racing import FINAL as RACE_FINAL
-from study.evidence.racing import RACE_FILE, read_race
 from study.plan.grid import GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
 from trainables import shared_storage
 from trainables.atomic import atomic_write_text
@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "s3://bucket/prefix (default: the output folder)")
     p.add_argument("--pretrain-cache", help="folder or URI of cached pre-training checkpoints, shared by studies "
                    "(default: pretrain_cache beside the output folder, or under an object-store --storage)")
+    p.add_argument("--confirm-runs", type=int, default=None, metavar="N",
+                   help="after the choice on validation (the race's, else the search's), N fresh runs of the chosen "
+                   "cell and of the reference whose test results confirm it (default: the budget's; laptop 3, smoke "
+                   "0); a resolved difference needs 3 on each side")
     p.add_argument("--reference", default=None, metavar="CELL",
                    help="the cell the report compares every other with (default none__full__<backbone>, "
                    "training from scratch), e.g. reconstruction__full__segresnet")
@@ -208,6 +212,7 @@ def _plan_from_args(args: argparse.Namespace) -> StudyPlan:
         seeds=args.seeds,
         pretrained=pretrained_args(getattr(args, "pretrained", None)),
         label_fractions=fractions_arg(getattr(args, "label_fractions", None)),
+        confirm_runs=getattr(args, "confirm_runs", None),
         **race_settings(args),
     )
 
@@ -442,6 +447,8 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     if args.reference and args.reference not in {c.id for c in plan.cells}:
         raise StudyInputError(f"--reference {args.reference!r} is not a cell of this study; its cells: "
                               + ", ".join(c.id for c in plan.cells[:20]) + ("…" if len(plan.cells) > 20 else ""))
+    if args.reference:
+        plan.reference = args.reference
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output)
     for why in dict.fromkeys(plan.left_out.values()):
@@ -529,7 +536,7 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
                                      study_name=plan.name, storage_url=args.optuna_storage,
                                      race_file=str(output / RACE_FILE),
                                      external={k: v["path"] for k, v in external.items()},
-                                     task=task.to_dict())
+                                     task=task.to_dict(), confirm_file=str(output / CONFIRM_FILE))
             # The score is known to the per-cell scheduler and the searcher only, not to TuneConfig: pre-training
             # trials report no selection score, and Tune's strict metric check would reject them.
             scheduler = make_scheduler(plan, args.early_stopping)
@@ -552,7 +559,10 @@ def run_study(args: argparse.Namespace) -> StudyOutcome:
     unfinished = len(results) - results.num_terminated - results.num_errors
     race = read_race(output) if plan.racing else None
     race_unfinished = plan.racing and (race is None or race.get("status") not in RACE_FINAL)
-    if unfinished or race_unfinished or len(results) < _expected_trials(plan, results, race):
+    confirmation = read_confirmation(output) if plan.confirm_runs else None
+    confirm_unfinished = bool(plan.confirm_runs) and (confirmation is None or not confirmation.get("finished"))
+    if unfinished or race_unfinished or confirm_unfinished or len(results) < _expected_trials(plan, results, race,
+                                                                                             confirmation):
         log.info(f"study interrupted with {unfinished} trial(s) unfinished; its state is saved. "
                  f"Continue it with: python -m study.launch --resume {output}")
         raise StudyInterrupted(str(output))
@@ -582,9 +592,10 @@ class StudyInterrupted(Exception):
     """Ctrl-C (SIGINT): Tune saved the experiment; ``--resume`` continues it."""
 
 
-def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
+def _expected_trials(plan: StudyPlan, results, race: dict | None = None, confirmation: dict | None = None) -> int:
     """Trials the finished study has: the plan's, less the cells whose pre-training failed and the
-    distillation cells whose teacher cell has no finished trial, plus the race's repeats."""
+    distillation cells whose teacher cell has no finished trial, plus the race's repeats and the
+    confirmation runs."""
     from trainables.trials import parse_trial
 
     specs = [(r, parse_trial(r.config)) for r in results if r.config]
@@ -596,7 +607,8 @@ def _expected_trials(plan: StudyPlan, results, race: dict | None = None) -> int:
     skipped = sum(plan.samples(c) + plan.seeds for c in skipped_cells)
     if plan.seeds:  # a cell none of whose search trials finished has no best configuration to re-run
         skipped += sum(plan.seeds for c in plan.cells if c not in skipped_cells and c.id not in finished)
-    return plan.total_trials() - skipped + int((race or {}).get("trials_used", 0))
+    return (plan.total_trials() - skipped + int((race or {}).get("trials_used", 0))
+            + int((confirmation or {}).get("trials_used", 0)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ class CellResult:
     counts: dict[str, int] = field(default_factory=dict)
     registered: str | None = None
     version: int | None = None
-    cases: list = field(default_factory=list)  # stats.Cases of the best run and its seed re-runs
+    cases: list = field(default_factory=list)  # stats.Cases (test) of the best run and its repeats
+    evidence_runs: list = field(default_factory=list)  # inference.Run (validation and test) of the same runs
     fraction: float = 1.0  # share of the labelled training subjects (--label-fractions)
 
     @property
@@ -97,6 +98,7 @@ class Study:
     failed: list[dict]
     pretrain_runs: list = field(default_factory=list)
     comparison: object | None = None  # stats.Comparison
+    evidence: dict | None = None  # inference.assess: the choice on validation, its confirmation on test
     task: TaskSpec | None = None  # the study's task (study.json); None for a study from before tasks: PCS
 
 
@@ -187,16 +189,25 @@ def load_study(folder: str | Path) -> Study:
         raise StudyInputError(f"{folder}: no finished fine-tuning trial in {uri}; nothing to report "
                               f"({len(runs)} trial run(s), {len(failed)} failed)")
     task = as_task(saved.get("task"))
+    from study.evidence.inference import Run
+    from study.run.tracking import VAL_CASES_FILE
+
     for cell in cells.values():
-        cell.cases = [c for c in (load_cases(client, r.info.run_id, task) for r in cell.runs) if c is not None]
+        for r in cell.runs:
+            test = load_cases(client, r.info.run_id, task)
+            val = load_cases(client, r.info.run_id, task, VAL_CASES_FILE) if test is not None else None
+            if test is not None:
+                cell.cases.append(test)
+                cell.evidence_runs.append(Run(val, test, r.data.tags.get("phase", "search"), selected=r is cell.best))
     pretrain_runs = [r for r in runs if r.data.tags.get("stage") == "pretrain" and r.info.status == "FINISHED"]
     return Study(folder, plan, args, uri, experiment, parent_id, client, list(cells.values()), failed, pretrain_runs,
                  task=task)
 
 
-def load_cases(client, run_id: str, task: TaskSpec | None = None):
-    """A run's per-case test results (the ``test_cases.json`` table artifact) as :class:`study.evidence.stats.Cases`,
-    or None for a run that has none (a study from before per-case results, or a failed upload)."""
+def load_cases(client, run_id: str, task: TaskSpec | None = None, artifact: str | None = None):
+    """A run's per-case results (the ``test_cases.json`` table artifact, or ``artifact``: ``val_cases.json``) as
+    :class:`study.evidence.stats.Cases`, or None for a run that has none (a study from before per-case results,
+    or a failed upload)."""
     import os
     import tempfile
 
@@ -206,7 +217,7 @@ def load_cases(client, run_id: str, task: TaskSpec | None = None):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, TEST_CASES_FILE, tmp)
+            path = client.download_artifacts(run_id, artifact or TEST_CASES_FILE, tmp)
             table = json.loads(Path(path).read_text())
         except Exception:  # noqa: BLE001 - no such artifact, or an unreadable one: the cell has no cases
             return None
@@ -218,7 +229,7 @@ def load_cases(client, run_id: str, task: TaskSpec | None = None):
 def reference_cell(study: Study) -> str | None:
     """The cell the others are compared with: ``--reference`` if given, else the from-scratch baseline
     ``none__full__<first backbone>`` when the study has it."""
-    wanted = study.args.get("reference")
+    wanted = study.args.get("reference") or study.plan.get("reference")
     ids = [c.id for c in study.cells]
     if wanted:
         return wanted if wanted in ids else None
@@ -229,14 +240,20 @@ def reference_cell(study: Study) -> str | None:
 def compare_cells(study: Study):
     """The statistics of :mod:`study.evidence.stats` over the cells with per-case results (stored on the study)."""
     from study.evidence import stats
-    from study.evidence.racing import pooled_seed_sd
+    from study.evidence.inference import assess, run_variance
 
     runs = {c.id: c.cases for c in study.cells if c.best is not None}
-    # with repeats of some cells (a race, --seeds), every difference from the best is tested against the
-    # variation between training runs too, not only against the test subjects'
-    sd = pooled_seed_sd({c: rs for c, rs in runs.items() if len(rs) > 1})
+    # with repeats of some cells (a race, --seeds), every interval includes the variation between training runs,
+    # pooled over the repeats (the search's chosen runs left out: they were picked for being high)
+    between = run_variance({c.id: c.evidence_runs for c in study.cells if c.evidence_runs}, "test", "score")
+    sd = between.sd if between is not None else None
     study.comparison = stats.compare(runs, reference=reference_cell(study), seed=int(study.plan.get("seed") or 0),
                                      between_run_sd=sd)
+    from study.evidence.racing import read_confirmation
+
+    chosen = (read_confirmation(study.folder) or {}).get("best")
+    study.evidence = assess({c.id: c.evidence_runs for c in study.cells if c.evidence_runs}, reference_cell(study),
+                            seed=int(study.plan.get("seed") or 0), chosen=chosen)
     return study.comparison
 
 
@@ -332,9 +349,14 @@ def make_plots(study: Study, out: Path) -> tuple[list[tuple[str, Path]], dict[st
                 "hi": hi, "tied": tied, "memory": c.stat("peak_memory_mb")[0], "time": c.stat("time_per_epoch_s")[0]}
 
     points = [score_point(c) for c in done]
-    figures = [("Cells by test score with 95% confidence intervals (forest plot)",
+    figures = [("Cells by test score with 95% confidence intervals (forest plot; exploratory: measured after the "
+                "choice on validation)",
                 plots.plot_forest(points, out / "forest.png", reference=comparison.reference,
                                   between_runs=comparison.between_run_sd is not None)),
+               *([("Rank uncertainty (blob plot): exploratory, on the test split after the choice on validation",
+                   plots.plot_rank_blobs(study.evidence["ranks"]["cells"], out / "ranks.png",
+                                         study.evidence["ranks"].get("kendall_tau")))]
+                 if study.evidence and study.evidence.get("ranks", {}).get("cells") else []),
                ("Test score vs peak memory", plots.plot_tradeoff(points, "memory", "peak memory (MB)",
                                                                  out / "pareto_memory.png")),
                ("Test score vs time per epoch", plots.plot_tradeoff(points, "time", "time per epoch (s)",
@@ -425,9 +447,15 @@ def summary(study: Study) -> dict:
                 "p_best": stat.p_best, "indistinguishable_from_best": stat.indistinguishable_from_best,
                 "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()},
                 "wilcoxon_p": stat.wilcoxon_p, "holm_p": stat.holm_p}
+    from study.evidence.inference import MARGIN
     from study.evidence.verdict import claims, label_verdict, verdict
 
-    text = verdict(comparison) + label_verdict(study.cells, comparison)
+    evidence = study.evidence or {}
+    ranks = (evidence.get("ranks") or {}).get("cells", {})
+    for entry in cells:
+        if entry["cell"] in ranks:
+            entry["rank"] = ranks[entry["cell"]]
+    text = verdict(comparison, evidence) + label_verdict(study.cells, comparison)
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
             "tracking_uri": study.tracking_uri,
             "verdict": {"text": text, "best": comparison.best, "reference": comparison.reference,
@@ -438,7 +466,12 @@ def summary(study: Study) -> dict:
                         "between_run_sd": comparison.between_run_sd,
                         "typical_ci_half_width": comparison.typical_half_width(),
                         "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
-            "claims": claims(comparison, study.cells, study.pretrain_runs),
+            "selection": evidence.get("selection"), "confirmation": evidence.get("confirmation"),
+            "kendall_tau": (evidence.get("ranks") or {}).get("kendall_tau"),
+            "variance_components": evidence.get("variance_components"),
+            "what_it_would_take": evidence.get("what_it_would_take"),
+            "claims": claims(comparison, study.cells, study.pretrain_runs,
+                             float(study.args.get("margin") or MARGIN)),
             "race": race_summary(study, comparison),
             "remapping": remapping_summary(study, comparison),
             "cells": cells, "failed": study.failed}
@@ -496,15 +529,16 @@ def race_summary(study: Study, comparison) -> dict | None:
     rows = []
     for cell, e in sorted(race["eliminated"].items(), key=lambda kv: (kv[1]["round"], kv[0])):
         rows.append({"cell": cell, "outcome": "eliminated", "round": e["round"], "difference": e.get("difference"),
-                     "ci": e.get("ci"), "p": e.get("p"), "holm_p": e.get("holm_p"), "reason": e.get("reason", ""),
+                     "by": e.get("by"), "threshold": e.get("threshold"), "alpha": e.get("alpha"),
+                     "reason": e.get("reason", ""),
                      "repeats": race["repeats"].get(cell, 0), "repeats_in_mlflow": in_mlflow.get(cell, 0)})
     last = race["rounds"][-1]["evidence"] if race["rounds"] else {}
     for cell in race["alive"]:
         stat = comparison.cells.get(cell)
         e = last.get(cell, {})
         rows.append({"cell": cell, "outcome": "best" if cell == race["best"] else "still in the race",
-                     "round": None, "difference": e.get("difference"), "ci": e.get("ci"), "p": e.get("p"),
-                     "holm_p": e.get("holm_p"), "test_score_ci": list(stat.ci["score"]) if stat else None,
+                     "round": None, "difference": e.get("difference"), "by": None, "threshold": None,
+                     "alpha": e.get("alpha"), "test_score_ci": list(stat.ci["score"]) if stat else None,
                      "test_score": stat.estimate["score"] if stat else None,
                      "repeats": race["repeats"].get(cell, 0), "repeats_in_mlflow": in_mlflow.get(cell, 0)})
     failed = [{**f, "reason": next((x["reason"] for x in study.failed if x.get("phase") == "race"
@@ -512,18 +546,23 @@ def race_summary(study: Study, comparison) -> dict | None:
                                    f["reason"])} for f in race["failed"]]
     rounds = race["round"]
     spent = f"{race['trials_used']} repeat(s) in {rounds} round(s), {duration(race['elapsed_s'])}"
-    seed_sd = next((r["seed_sd"] for r in reversed(race["rounds"]) if r.get("seed_sd") is not None), None)
+    seed_sd = next((e["run_sd"] for r in reversed(race["rounds"]) for e in r.get("evidence", {}).values()
+                    if e.get("run_sd") is not None), None)
+    for cell, e in sorted(race.get("not_raced", {}).items()):
+        rows.append({"cell": cell, "outcome": "not raced", "round": None, "difference": None, "by": None,
+                     "threshold": None, "alpha": None, "reason": e.get("reason", ""), "test_score_ci": None,
+                     "test_score": None, "repeats": 0, "repeats_in_mlflow": in_mlflow.get(cell, 0)})
     budget = " and ".join(x for x in (f"{race['max_trials']} repeats" if race["max_trials"] else "",
                                       f"{race['max_minutes']:g} minutes" if race["max_minutes"] else "") if x)
     if race["status"] == "resolved" and rounds == 0:
         text = f"Only one cell, {race['best']}, had per-case test results after the search: there was nothing to race."
     elif race["status"] == "resolved":
-        text = (f"The race resolved the best cell: {race['best']} is separated from every other cell after {spent} "
-                f"(budget {budget}).")
+        text = (f"The race resolved the best cell on validation: {race['best']} is shown better than every other "
+                f"cell in the race after {spent} (budget {budget}).")
     elif race["status"] == "budget":
         text = (f"The race's budget ({budget}) ran out after {spent}, with {len(race['alive'])} cells still in the "
-                f"race: {', '.join(race['alive'])}. The best, {race['best']}, is not separated from them; more repeats "
-                "(--race-budget) or more test subjects would be needed.")
+                f"race: {', '.join(race['alive'])}. The best on validation, {race['best']}, is not shown better than "
+                "them; more repeats (--race-budget) or more validation subjects would be needed.")
     elif race["status"] == "failed":
         text = (f"The race stopped after {spent}: every repeat of round {rounds} failed (below), so another round "
                 f"would fail alike. {len(race['alive'])} cells were still in the race: {', '.join(race['alive'])}.")
@@ -532,22 +571,17 @@ def race_summary(study: Study, comparison) -> dict | None:
                 "subjects.")
     else:
         text = f"The race did not finish (status {race['status']}, after {spent}); resume the study to finish it."
-    # a cell is eliminated on the evidence of its round; the report's verdict uses every run there is in the end
-    tied = set(comparison.tied_with_best())
-    revisited = [r["cell"] for r in rows if r["outcome"] == "eliminated" and r["cell"] in tied]
-    if revisited:
-        text += (f" On all the runs in the end, the verdict cannot tell {', '.join(revisited)} apart from the best: "
-                 "they were eliminated on the evidence available at their round, and the repeats run since have "
-                 "changed the best cell's estimate or interval (repeats of a configuration selected for its best run "
-                 "often score lower than that run).")
     if seed_sd is not None:
-        text += (f" Between two training runs of a configuration the test score varied by {seed_sd:.3f} (standard "
-                 "deviation, pooled over the cells with repeats); the race's tests include it.")
+        text += (f" Between two training runs of a configuration the validation score varied by {seed_sd:.3f} "
+                 "(standard deviation, pooled over the cells' repeats); the race's tests include it.")
+    text += (f" Error control: an elimination needs {race.get('min_runs', 3)} repeats of each cell compared and a "
+             "difference beyond Tukey-Kramer's studentized-range threshold on validation, at a level that spends "
+             f"alpha {race['alpha']:g} over the race's tests (6 alpha / (pi^2 t^2) at the t-th), so the chance of "
+             "ever eliminating a cell no other cell beats is at most alpha.")
     mismatch = [r["cell"] for r in rows if r["repeats"] != r["repeats_in_mlflow"]]
     return {"status": race["status"], "text": text, "best": race["best"], "alpha": race["alpha"],
             "max_trials": race["max_trials"], "max_minutes": race["max_minutes"], "trials_used": race["trials_used"],
             "rounds": rounds, "elapsed_s": race["elapsed_s"], "cells": rows, "failed": failed, "seed_sd": seed_sd,
-            "eliminated_but_tied_in_the_end": revisited,
             "cells_whose_mlflow_repeats_differ": mismatch}
 
 

@@ -81,10 +81,16 @@ def _ci_text(stats: dict, metric: str) -> str:
     return f"{est:.3f} [{lo:.3f}, {hi:.3f}]" if _is_number(lo) and _is_number(hi) else f"{est:.3f}"
 
 
+RANKING_NOTE = ("Exploratory: test figures measured after the choice on validation (the chosen cell's is optimistic; "
+                "its confirmation is the verdict's). Rank: on the mean test score over every run, with its 95% "
+                "bootstrap interval (subjects resampled, each cell's mean moved by its between-run variation).")
+
+
 def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
-    """Cells by test score with intervals, P(best), the paired difference from the reference and its p."""
-    head = ["cell", "test score [95% CI]", "Dice [95% CI]", "AUC [95% CI]", "P(best)", "cannot be told apart from best",
-            "Δ score vs reference [95% CI]", "Wilcoxon p (Holm)"]
+    """Cells by test score with intervals, rank intervals, validation means and the difference from the reference."""
+    head = ["cell", "rank [95% interval]", "validation score (repeats)", "test score [95% CI]", "Dice [95% CI]",
+            "AUC [95% CI]", "Δ score vs reference [95% CI]"]
+    selection = data.get("selection") or {"means": {}, "runs": {}}
     rows = []
     ranked = sorted((c for c in data["cells"] if c.get("statistics")),
                     key=lambda c: -(c["statistics"]["estimate"]["score"] if _is_number(c["statistics"]["estimate"]["score"])
@@ -98,15 +104,17 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
                      else f"{ref['difference']:+.3f}" if _is_number(ref["difference"]) else "–")
         else:
             delta = "reference" if c["cell"] == data["verdict"]["reference"] else "–"
-        p = st["wilcoxon_p"]
-        ptxt = f"{p:.3g} ({st['holm_p']:.3g})" if _is_number(p) and _is_number(st["holm_p"]) else "–"
-        rows.append([c["cell"], _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
-                     f"{st['p_best']:.2f}", "yes" if st["indistinguishable_from_best"] else "no", delta, ptxt])
+        rank = c.get("rank")
+        rank_text = f"{rank['rank']} [{rank['ci'][0]}, {rank['ci'][1]}]" if rank else "–"
+        mean = selection["means"].get(c["cell"])
+        val = f"{mean:.3f} ({selection['runs'].get(c['cell'], 0)})" if _is_number(mean) else "–"
+        rows.append([c["cell"], rank_text, val, _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
+                     delta])
     return head, rows
 
 
-_RACE_HEAD = ["cell", "outcome", "Δ score, best − cell [95% CI, subjects and runs]", "p (Holm)", "test score [95% CI]",
-              "repeats (MLflow runs)"]
+_RACE_HEAD = ["cell", "outcome", "Δ validation score, better cell − this (threshold)", "level α_t",
+              "test score [95% CI]", "repeats (MLflow runs)"]
 
 
 def _race_rows(race: dict) -> list[list[str]]:
@@ -115,10 +123,10 @@ def _race_rows(race: dict) -> list[list[str]]:
     for r in race["cells"]:
         outcome = (f"eliminated after {'the search' if r['round'] == 0 else 'round ' + str(r['round'])}"
                    if r["outcome"] == "eliminated" else r["outcome"]) + (f" ({r['reason']})" if r.get("reason") else "")
-        ci = r.get("ci") or [None, None]
-        diff = (f"{r['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if _is_number(r.get("difference"))
-                and _is_number(ci[0]) and _is_number(ci[1]) else "–")
-        p = f"{r['p']:.2g} ({r['holm_p']:.2g})" if _is_number(r.get("p")) and _is_number(r.get("holm_p")) else "–"
+        diff = (f"{r['difference']:+.3f} (> {r['threshold']:.3f}, by {r['by']})" if _is_number(r.get("difference"))
+                and _is_number(r.get("threshold")) else f"{r['difference']:+.3f}" if _is_number(r.get("difference"))
+                else "–")
+        p = f"{r['alpha']:.2g}" if _is_number(r.get("alpha")) else "–"
         score = r.get("test_score_ci")
         score = (f"{r['test_score']:.3f} [{score[0]:.3f}, {score[1]:.3f}]" if score and _is_number(r.get("test_score"))
                  and _is_number(score[0]) and _is_number(score[1]) else "–")
@@ -168,7 +176,7 @@ _REMAP_TEXT = ("Remapping (distillation): each distilled student next to the tea
 
 
 def _claim_rows(data: dict) -> list[list[str]]:
-    return [[c["claim"], c["status"], c["evidence"]] for c in data["claims"]]
+    return [[c["claim"], f"{c['status']} ({c.get('kind', 'exploratory')})", c["evidence"]] for c in data["claims"]]
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -186,7 +194,7 @@ def render_markdown(study: Study, data: dict, figures: list[tuple[str, Path]], i
     md += [line + "\n" for line in data["verdict"]["text"]]
     forest, rest = figures[0], figures[1:]
     md += [f"![{forest[0]}]({forest[1].relative_to(out).as_posix()})", ""]
-    md += ["## Ranking with confidence intervals", ""] + _md_table(*_ranking(data))
+    md += ["## Ranking with confidence intervals", "", RANKING_NOTE, ""] + _md_table(*_ranking(data))
     if data.get("race"):
         md += ["## The race", "", *(line + "\n" for line in _race_lines(data["race"]))]
         md += _md_table(_RACE_HEAD, _race_rows(data["race"]))
@@ -242,7 +250,8 @@ def render_html(study: Study, data: dict, figures: list[tuple[str, Path]], impor
              '<section id="verdict"><h2>Verdict</h2>'
              + "".join(f'<p class="{"warning" if x in warning else "verdict"}">{html.escape(x)}</p>'
                        for x in data["verdict"]["text"]) + _img(forest[0], forest[1]) + "</section>",
-             "<h2>Ranking with confidence intervals</h2>" + _html_table(*_ranking(data)),
+             "<h2>Ranking with confidence intervals</h2>" + f"<p>{html.escape(RANKING_NOTE)}</p>"
+             + _html_table(*_ranking(data)),
              *(['<section id="race"><h2>The race</h2>'
                 + "".join(f"<p>{html.escape(x)}</p>" for x in _race_lines(data["race"]))
                 + _html_table(_RACE_HEAD, _race_rows(data["race"])) + "</section>"] if data.get("race") else []),

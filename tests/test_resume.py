@@ -118,8 +118,9 @@ RACE_GRID = """
 name: race
 base: smoke
 finetune_epochs: 6
-splits: {pretrain: 2, train: 24, val: 4, test: 24}
+splits: {pretrain: 2, train: 24, val: 12, test: 24}
 race_trials: 9
+confirm_runs: 2
 cells:
   - pretrain: none
     strategy: top
@@ -179,12 +180,14 @@ def test_race_after_the_search_interrupted_mid_race_and_resumed(tmp_path) -> Non
     assert all(r.info.status == "FINISHED" and r.data.tags["outcome"] == "completed" for r in repeats)
     rounds = [(r.data.tags["cell"], int(r.data.tags["race_round"])) for r in everything]
     assert len(rounds) == len(set(rounds)), "a cell ran twice in one round"
-    # after the search the race only ranks (no variation between runs is known yet): round 1 re-runs every
-    # cell; the clearly worst cell is eliminated once there are repeats; no cell is re-run after its elimination
-    assert race["rounds"][0]["seed_sd"] is None and not race["rounds"][0]["eliminated"]
+    # after the search the race only ranks: round 1 re-runs every cell (9 repeats pay for 3 rounds of the 3); no
+    # test before 3 repeats of each cell compared; no cell is re-run after its elimination
+    assert not race["rounds"][0]["tested"] and not race["rounds"][0]["eliminated"]
+    assert not any(r["tested"] for r in race["rounds"][1:3])
     assert {cell for cell, rnd in rounds if rnd == 1} == {"none__top__segresnet", "reconstruction__top__segresnet",
                                                           "none__decoder__segresnet"}
-    assert race["eliminated"]["none__decoder__segresnet"]["round"] >= 1
+    for cell, e in race["eliminated"].items():
+        assert e["round"] >= 3 and race["repeats"][cell] >= 3, (cell, e)
     for cell, rnd in rounds:
         assert cell not in race["eliminated"] or race["eliminated"][cell]["round"] >= rnd, (cell, rnd)
 
@@ -201,4 +204,13 @@ def test_race_after_the_search_interrupted_mid_race_and_resumed(tmp_path) -> Non
     for cell in ("none__top__segresnet", failing):  # the statistics use the completed repeats, not the failed one
         assert by_cell[cell]["statistics"]["runs"] == 1 + sum(c == cell for c, _ in completed)
     html = (out / "report" / "report.html").read_text()
-    assert '<section id="race"><h2>The race</h2>' in html and "eliminated after round" in html
+    assert '<section id="race"><h2>The race</h2>' in html
+    assert all(f"eliminated after round {e['round']}" in html for e in race["eliminated"].values())
+    # the choice is the race's (validation); the chosen cell and the reference get 2 fresh runs each, paired by seed
+    confirmation = json.loads((out / "confirm.json").read_text())
+    assert confirmation["finished"] and confirmation["best"] == race["best"] == report["selection"]["best"]
+    confirm_runs = [r for r in runs if r.data.tags.get("phase") == "confirm"]
+    assert {r.data.tags["cell"] for r in confirm_runs} == {race["best"]}  # the grid has no none__full: no reference
+    assert len(confirm_runs) == confirmation["trials_used"] == 2 and confirmation["reference"] is None
+    assert report["confirmation"]["runs"][race["best"]] == 2
+    assert any("no reference cell" in t for t in report["verdict"]["text"])

@@ -408,9 +408,9 @@ def fit(
     state (trained parameters, optimiser state, epoch, history); the Ray adapter reports the metrics
     to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
     continues after its epoch. After the last epoch the model is given the weights of its epoch with the
-    best validation score (``best_epoch``; the last report's ``score`` is that epoch's), then the test split
-    (if given) is evaluated once: ``test_*`` metrics and ``test_cases``, one row per subject, target and
-    region. ``task`` (default: the PCS task) defines the loss, the metrics and the score. ``schedule``: a
+    best validation score (``best_epoch``; the last report's ``score`` is that epoch's); the last report carries
+    that epoch's per-case validation rows (``val_cases``), then the test split (if given) is evaluated once:
+    ``test_*`` metrics and ``test_cases``, one row per subject, target and region. ``task`` (default: the PCS task) defines the loss, the metrics and the score. ``schedule``: a
     staged strategy's phases (:class:`Schedule`); the model arrives with its second phase's parameters
     trainable, each epoch then trains its phase's, and the time, the memory and the trainable count are
     reported per phase (``phase1_*``, ``phase2_*``) besides the whole (memory: the larger phase's).
@@ -505,6 +505,8 @@ def fit(
                 row["score"] = best["score"]
             if epoch == cfg.epochs:
                 row["best_epoch"] = best["epoch"]
+            if epoch == cfg.epochs:  # the kept epoch's per-case validation rows: what selection reads
+                row["val_cases"] = evaluate_cases(model, val_loader, device, spacing_mm, task)[1]
             if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test results
                 test, cases = evaluate_cases(model, test_loader, device, spacing_mm, task)
                 row.update({f"test_{k}": v for k, v in test.items()})

@@ -2,15 +2,17 @@
 
 - ``search``: a trial Optuna suggested for its cell (ASHA may stop it early);
 - ``seeds``: a re-run of a cell's best configuration with a new seed (``--seeds``);
-- ``race``: a repeat of a contender's best configuration in a race (``study.evidence.racing``).
+- ``race``: a repeat of a contender's best configuration in a race (``study.evidence.racing``);
+- ``confirm``: after the choice on validation, a fresh run of the chosen cell's and the reference's best
+  configurations, whose test results confirm the choice (``study.evidence.inference.confirm``).
 
-The repeats (seeds, race) always run all their epochs and are not candidates for a cell's best trial.
+The repeats (seeds, race, confirm) always run all their epochs and are not candidates for a cell's best trial.
 """
 
 from __future__ import annotations
 
-SEARCH, SEEDS, RACE = "search", "seeds", "race"
-REPEAT_PHASES = (SEEDS, RACE)
+SEARCH, SEEDS, RACE, CONFIRM = "search", "seeds", "race", "confirm"
+REPEAT_PHASES = (SEEDS, RACE, CONFIRM)
 
 
 def is_best_candidate(tags: dict[str, str], metrics: dict[str, float]) -> bool:

@@ -279,8 +279,9 @@ def run_finetune(spec: FinetuneTrial, report: Report, resume: dict | None = None
         metrics.update(extra)  # what a strategy's own modules say about the model (e.g. a student's size)
         metrics["task_storage_bytes"] = storage
         metrics["initial_body_sha256"] = initial_body
-        if "test_cases" in metrics:  # one JSON text: Tune's loggers skip text, not a list of hundreds of rows
-            metrics["test_cases"] = json.dumps(metrics["test_cases"])
+        for key in ("val_cases", "test_cases"):  # one JSON text: Tune's loggers skip text, not hundreds of rows
+            if key in metrics:
+                metrics[key] = json.dumps(metrics[key])
         if epoch == spec.train.epochs and spec.output_dir:
             metrics["model_path"] = _save_model(model, spec)
         if epoch == spec.train.epochs:  # which labelled subjects it trained on (a label fraction keeps part)

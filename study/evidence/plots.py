@@ -238,3 +238,28 @@ def plot_importances(cell: str, importances: dict[str, float], path: Path) -> Pa
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plot_rank_blobs(ranks: dict[str, dict], path: Path, kendall_tau: dict | None = None) -> Path:
+    """A blob plot of rank uncertainty (in the style of challengeR, Wiesenfarth et al. 2021): per cell (x,
+    ordered by its rank) a circle at each rank it took in the bootstrap, its area the share of resamples, and
+    a black bar over the 95% rank interval; ``ranks`` is :func:`study.evidence.inference.rank_intervals`'s."""
+    order = sorted(ranks, key=lambda c: (ranks[c]["rank"], c))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(order) + 2), 4.2))
+    for x, cell in enumerate(order):
+        freq = ranks[cell]["frequency"]
+        ax.scatter([x] * len(freq), list(freq), s=[400 * f for f in freq.values()], color="steelblue", alpha=0.6,
+                   edgecolor="none")
+        lo, hi = ranks[cell]["ci"]
+        ax.plot([x, x], [lo, hi], color="black", linewidth=1.0)
+        ax.scatter([x], [ranks[cell]["rank"]], color="black", s=10, zorder=3)
+    n = len(order)
+    ax.plot([0, n - 1], [1, n], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xticks(range(n), order, rotation=90, fontsize=6)
+    ax.set_ylabel("rank (1 = best)", fontsize=9)
+    ax.invert_yaxis()
+    tau = (f"; Kendall's tau with the resamples: median {kendall_tau['median']:.2f} "
+           f"[{kendall_tau['ci'][0]:.2f}, {kendall_tau['ci'][1]:.2f}]") if kendall_tau else ""
+    ax.set_title("Rank uncertainty on the test split (bootstrap over subjects and runs)" + tau, fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

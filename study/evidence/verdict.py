@@ -1,7 +1,9 @@
-"""What the report says first: the verdict (the best cell, how sure, what it cannot be told apart from),
-and the source study's four findings tested on this study's data.
+"""What the report says first: the verdict (the cell chosen on validation, the set that may be best, its
+confirmation on test against the reference, what it would take), and the source study's four findings tested
+on this study's data, as exploratory claims.
 
-The numbers come from :mod:`study.evidence.stats`; this module only words them. The four findings are those of
+The numbers come from :mod:`study.evidence.inference` (and :mod:`study.evidence.stats` for the test split's
+ranking table); this module only words them. The four findings are those of
 the PCS study this tool grew from (arXiv 2405.19204): reconstruction and adversarial pre-training
 balance accuracy and cost; diffusion pre-training is the most resource-intensive; top-level tuning gives
 strong segmentation at low cost; LoRA is weaker on this small-region task.
@@ -12,9 +14,18 @@ from __future__ import annotations
 import math
 import statistics
 
+from study.evidence.inference import (
+    CONTRADICTED,
+    MARGIN,
+    NEEDS_REPEATS,
+    NOT_RESOLVED,
+    SUPPORTED,
+    claim_status,
+    group_difference,
+)
 from study.evidence.stats import Comparison
 
-SUPPORTED, CONTRADICTED, NOT_RESOLVED, NOT_TESTED = "supported", "contradicted", "not resolved", "not tested"
+NOT_TESTED = "not tested"
 
 
 def _ci(ci: tuple[float, float]) -> str:
@@ -32,60 +43,15 @@ def _p(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def verdict(comparison: Comparison) -> list[str]:
-    """The report's first paragraphs: the best cell with its interval, its difference from the reference
-    (interval and p), the cells it cannot be told apart from, and a warning when the test split is too
-    small to separate the cells."""
+def verdict(comparison: Comparison, evidence: dict | None = None) -> list[str]:
+    """The report's first paragraphs: the choice on validation (the best cell and the set that may be best),
+    its confirmation on test against the reference (the study's one primary comparison), what it would take
+    to resolve it, and a warning when the test split is too small to separate the cells."""
     c = comparison
-    if not c.cells:
-        return ["No cell has per-case test results, so no interval can be given: the study ran before "
+    if not c.cells or not evidence or not evidence["selection"]["best"]:
+        return ["No cell has per-case results, so no interval can be given: the study ran before "
                 "per-case results were logged, or every trial failed. Re-run it to get the verdict."]
-    pct = f"{100 * c.confidence:.0f}%"
-    how = (f"{pct} intervals from {c.resamples} bootstrap resamples of the {len(c.subjects)} test subjects"
-           + (" and of each cell's repeats, seed re-runs or race rounds" if c.seeds_resampled else "")
-           + ("; the test-score intervals and this share also include the variation between training runs"
-              if c.between_run_sd is not None else ""))
-    best = c.cells[c.best]
-    lines = [f"Best cell: {c.best}, test score {best.estimate['score']:.3f} {_ci(best.ci['score'])} "
-             f"(Dice {best.estimate['dice']:.3f} {_ci(best.ci['dice'])}, AUC {best.estimate['auc']:.3f} "
-             f"{_ci(best.ci['auc'])}); it is best in {100 * best.p_best:.0f}% of the resamples ({how})"
-             + _more_often_best(c) + "."]
-    if c.reference is None:
-        lines.append("No reference cell with per-case results (the default, none__full, the from-scratch "
-                     "baseline, is not in this study or has no finished trial, and --reference names none): no "
-                     "paired differences or tests.")
-    elif c.reference == c.best:
-        lines.append(f"The best cell is the reference ({c.reference}): no other cell beat it on the point "
-                     "estimate.")
-    else:
-        d = best.vs_reference["score"]
-        resolved = d["ci"][0] > 0 or d["ci"][1] < 0
-        lines.append(
-            f"Against the reference {c.reference} ({c.cells[c.reference].estimate['score']:.3f}): difference "
-            f"{_signed(d['difference'])} {_ci(d['ci'])} in test score, "
-            f"{_signed(best.vs_reference['dice']['difference'])} {_ci(best.vs_reference['dice']['ci'])} in Dice; "
-            f"Wilcoxon signed-rank p = {_p(best.wilcoxon_p)} on per-subject Dice, {_p(best.holm_p)} after Holm's "
-            f"correction over {sum(s.wilcoxon_p is not None and math.isfinite(s.wilcoxon_p) for s in c.cells.values())}"
-            " cells. "
-            + ("The difference is resolved." if resolved else "The difference is not resolved: the interval "
-               "includes 0."))
-    tied = [x for x in c.tied_with_best() if x != c.best]
-    if tied:
-        shown = ", ".join(tied[:12]) + (f" and {len(tied) - 12} more" if len(tied) > 12 else "")
-        lines.append(f"The data cannot tell the best cell apart from {len(tied)} other cell(s): {shown} (the "
-                     f"{pct} interval of the paired difference in test score includes 0{_runs_note(c)}). Choose "
-                     "among them on cost, or add test subjects or seeds.")
-    elif len(c.cells) > 1:
-        lines.append(f"The best cell is separated from every other cell (each paired difference's {pct} "
-                     f"interval excludes 0{_runs_note(c)}).")
-    else:
-        lines.append("It is the only cell with per-case results: there is nothing to compare it with.")
-    if best.runs == 1 and len(c.cells) > 1:
-        lines.append("Caution: the best cell's interval comes from one training run, so it covers the choice of "
-                     "test subjects, not the variation between training runs, which can be larger (at the laptop "
-                     "budget two runs of a configuration differed by about 0.09 in test score, against intervals "
-                     "of ±0.02: bench/RESULTS.md, \"Rank stability\"). Repeats bring that variation in: a race "
-                     "(--race-budget N) or --seeds N.")
+    lines = [_choice_line(evidence), _best_set_line(evidence), *_confirmation_lines(evidence)]
     if c.too_small():
         lines.append(f"Warning: the test split ({len(c.subjects)} subjects) is too small to separate the cells: a "
                      f"typical interval is ±{c.typical_half_width():.3f} wide, more than the spread of the cells' "
@@ -93,6 +59,80 @@ def verdict(comparison: Comparison) -> list[str]:
     if c.missing:
         lines.append(f"{len(c.missing)} cell(s) have no per-case results and are not compared: "
                      + ", ".join(c.missing[:8]) + ("…" if len(c.missing) > 8 else ""))
+    return lines
+
+
+def _choice_line(evidence: dict) -> str:
+    sel = evidence["selection"]
+    best, k = sel["best"], sel["runs"].get(sel["best"], 0)
+    if sel["chosen_from"] == "repeats":
+        how = (f"the highest mean validation score over repeats, {sel['means'][best]:.3f} over {k} runs (the "
+               "search's own run, picked for being high, left out)")
+    else:
+        how = (f"the highest validation score of the search, {sel['means'][best]:.3f}; no cell has "
+               f"{evidence['min_runs']} repeats, so the choice rests on runs picked for being high")
+    return f"Chosen on validation: {best}, {how}."
+
+
+def _best_set_line(evidence: dict) -> str:
+    sel = evidence["selection"]
+    ready = [c for c, k in sel["runs"].items() if k >= evidence["min_runs"]]
+    if len(ready) < 2:
+        return (f"Which cells may be best is not resolved: needs repeats (fewer than two cells have "
+                f"{evidence['min_runs']} runs besides the search's; a race, --race-budget, or --seeds "
+                f"{evidence['min_runs']} brings them).")
+    may = [c for c in sel["may_be_best"] if c in ready]
+    shown = ", ".join(may[:12]) + (f" and {len(may) - 12} more" if len(may) > 12 else "")
+    out = [c for c in ready if c not in may]
+    return (f"Of the {len(ready)} cells with {evidence['min_runs']}+ repeats, {len(may)} may be best: {shown} "
+            f"(Hsu's multiple comparisons with the best, with Tukey-Kramer's critical value at family-wise "
+            f"alpha {sel['alpha']:g}, on validation over runs and subjects; between-run sd {sel['run_sd']:.3f}, "
+            f"df {sel['df']}); " + (f"{len(out)} are shown worse than another cell." if out else
+                                    "none is shown worse than another."))
+
+
+def _confirmation_lines(evidence: dict) -> list[str]:
+    conf = evidence["confirmation"]
+    best, ref = conf["best"], conf["reference"]
+    est = conf["estimates"]
+    primary = "Primary comparison (the only confirmatory one; everything else in this report is exploratory): "
+    if not conf["runs"].get(best):
+        return [primary + f"not confirmed on test: {best} has no confirmation runs (--confirm-runs N gives it and "
+                "the reference N fresh runs each). The test figures below are measured after selection on "
+                "validation: the chosen cell's is optimistic (it was chosen because it scored high)."]
+
+    def text(cell: str) -> str:
+        e = est.get(cell, {}).get("score")
+        if not e:
+            return f"{cell} –"
+        return f"{cell} {e['value']:.3f} {_ci(tuple(e['ci']))} ({e['runs']} runs)"
+
+    if ref is None:
+        return [primary + f"on test, {text(best)}; no reference cell in this study (--reference CELL)."]
+    if ref == best:
+        return [primary + f"the cell chosen on validation is the reference itself: on test, {text(best)}."]
+    d = conf["difference"].get("score")
+    if d is None:
+        return [primary + f"on test, {text(best)}; the reference {ref} has no confirmation run."]
+    verdict_word = {"resolved": "The difference is resolved.",
+                    "not resolved": "The difference is not resolved: its interval includes 0.",
+                    "not resolved: needs repeats": f"Not resolved: needs repeats ({evidence['min_runs']} "
+                    "confirmation runs on each side)."}[d["status"]]
+    lines = [primary + f"confirmed on test with fresh runs: {text(best)} against the reference {text(ref)}: "
+             f"difference {_signed(d['difference'])} {_ci(tuple(d['ci']))} in test score (t, df {d['df']:.0f}, "
+             f"p = {_p(d['p'])}; the runs' and the test subjects' variation). {verdict_word}"]
+    take = evidence.get("what_it_would_take")
+    if take and d["status"] != "resolved":
+        runs, subjects = take["runs_per_side"], take["test_subjects"]
+        parts = []
+        if runs:
+            parts.append(f"{runs} confirmation runs of each (--confirm-runs {runs})")
+        if subjects:
+            parts.append(f"{subjects} test subjects with the runs there are")
+        lines.append(f"What it would take: to resolve a true difference of {_signed(take['difference'])} with "
+                     f"{100 * take['power']:.0f}% power, " + (" or ".join(parts) if parts else
+                     "more runs alone would not do: the test subjects' variation is too large; add test subjects")
+                     + ".")
     return lines
 
 
@@ -142,22 +182,6 @@ def label_verdict(cells: list, comparison: Comparison) -> list[str]:
     return lines
 
 
-def _more_often_best(c: Comparison) -> str:
-    """A clause naming the cell best in more resamples than the best on the point estimate, if there is one."""
-    rival = max((s for s in c.cells.values() if s.cell != c.best), key=lambda s: s.p_best, default=None)
-    if rival is None or rival.p_best <= c.cells[c.best].p_best:
-        return ""
-    return (f"; {rival.cell} is best in more of them ({100 * rival.p_best:.0f}%), so which of the two is best "
-            "is not settled")
-
-
-def _runs_note(c: Comparison) -> str:
-    if c.between_run_sd is None:
-        return ""
-    return (f"; these intervals include the variation between training runs, a standard deviation of "
-            f"{c.between_run_sd:.3f} in test score pooled from the cells' repeats")
-
-
 def _mean_metric(runs: list, key: str) -> float:
     values = [r.data.metrics[key] for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
     return statistics.fmean(values) if values else math.nan
@@ -168,16 +192,21 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _claim(name: str, status: str, evidence: str) -> dict:
-    return {"claim": name, "status": status, "evidence": evidence}
+    return {"claim": name, "status": status, "evidence": evidence, "kind": "exploratory"}
 
 
-def _balance(diff: dict, cheaper: bool) -> str:
-    """A "good enough and cheaper" finding: contradicted when resolved as worse or when not cheaper,
-    supported when cheaper and not resolved as worse, not resolved when the interval is undefined."""
-    lo, hi = diff["ci"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return NOT_RESOLVED
-    return CONTRADICTED if hi < 0 or not cheaper else SUPPORTED
+def _balance(diff: dict, cheaper: bool, margin: float) -> str:
+    """A "good enough and cheaper" finding: supported only when non-inferiority within ``margin`` is resolved
+    and it is cheaper; contradicted when it is not cheaper or resolved as worse by more than ``margin``;
+    otherwise not resolved (and never support)."""
+    status = claim_status(diff, "non_inferior", margin)
+    if not cheaper and status != NEEDS_REPEATS:
+        return CONTRADICTED
+    return status
+
+
+def _diff_text(diff: dict) -> str:
+    return (f"{_signed(diff['difference'])} {_ci(tuple(diff['ci']))}, fewest runs per cell {diff['fewest_runs']}")
 
 
 def _cache_note(pretrain_runs: list) -> str:
@@ -191,17 +220,22 @@ def _cache_note(pretrain_runs: list) -> str:
             "load); clear the cache (--pretrain-cache) to measure every method here")
 
 
-def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dict]:
-    """The source study's four findings, each ``supported``, ``contradicted``, ``not resolved`` or ``not
-    tested`` here, with its numbers (a list of ``{claim, status, evidence}``).
+def claims(comparison: Comparison, cells: list, pretrain_runs: list, margin: float = MARGIN) -> list[dict]:
+    """The source study's four findings, each ``supported``, ``contradicted``, ``not resolved``, ``not
+    resolved: needs repeats`` or ``not tested`` here, with its numbers (a list of ``{claim, status, evidence,
+    kind}``; every one is exploratory: the primary comparison is the verdict's). The group contrasts are
+    :func:`study.evidence.inference.group_difference` over training runs (each cell's unselected runs, at least
+    ``MIN_RUNS`` per cell to resolve anything) and :func:`study.evidence.inference.claim_status`: "good enough
+    at lower cost" needs non-inferiority within ``margin`` resolved.
 
     Args:
         comparison: the cells' statistics.
-        cells: the report's cell results (``id``, ``pretrain``, ``strategy``, ``best`` run).
+        cells: the report's cell results (``id``, ``pretrain``, ``strategy``, ``best`` run, ``evidence_runs``).
         pretrain_runs: the study's finished pre-training runs (their time and memory).
+        margin: the non-inferiority margin, in the compared metric's units.
     """
-    c = comparison
-    by = {x.id: x for x in cells if x.best is not None and x.id in c.cells}
+    by = {x.id: x for x in cells if x.best is not None and x.evidence_runs}
+    runs = {i: x.evidence_runs for i, x in by.items()}
     out = []
 
     def ids(pred) -> list[str]:
@@ -220,13 +254,13 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
     def against_full(strategy: str) -> tuple[list[str], list[str], dict | None]:
         """``strategy``'s cells, the matching full fine-tuning cells, and their paired Dice difference."""
         mine, full = matched(ids(lambda x: x.strategy == strategy), ids(lambda x: x.strategy == "full"))
-        return mine, full, c.group_difference(mine, full, "dice")
+        return mine, full, group_difference(runs, mine, full, "dice")
 
     # 1. reconstruction and adversarial pre-training balance accuracy and cost
     name = "Reconstruction and adversarial pre-training balance accuracy and cost"
     group = ids(lambda x: x.pretrain in ("reconstruction", "adversarial"))
     others = ids(lambda x: x.pretrain not in ("reconstruction", "adversarial", "none"))
-    diff = c.group_difference(group, others, "score")
+    diff = group_difference(runs, group, others, "score")
     method_time = {}
     for r in pretrain_runs:
         m = r.data.tags.get("pretrain", "")
@@ -239,11 +273,10 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
                                             "pre-training method, with their pre-training runs"))
     else:
         ratio = _ratio(statistics.fmean(mine), statistics.fmean(theirs))
-        evidence = (f"test score {_signed(diff['difference'])} {_ci(diff['ci'])} against the other pre-training "
-                    f"methods ({diff['cells']} vs {diff['other_cells']} cells); pre-training time per epoch "
-                    f"{ratio:.2f}x theirs")
-        status = _balance(diff, ratio < 1) if math.isfinite(ratio) else NOT_RESOLVED
-        out.append(_claim(name, status, evidence + " (supported: not resolved as less accurate, and cheaper)"
+        evidence = (f"test score {_diff_text(diff)} against the other pre-training methods ({diff['cells']} vs "
+                    f"{diff['other_cells']} cells); pre-training time per epoch {ratio:.2f}x theirs")
+        status = _balance(diff, ratio < 1, margin) if math.isfinite(ratio) else NOT_RESOLVED
+        out.append(_claim(name, status, evidence + f" (supported needs: resolved as at most {margin:g} below, and cheaper)"
                           + _cache_note(pretrain_runs)))
 
     # 2. diffusion is the most resource-intensive pre-training
@@ -274,10 +307,11 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
     else:
         memory = _ratio(cost(top, "peak_memory_mb"), cost(full_for_top, "peak_memory_mb"))
         time = _ratio(cost(top, "time_per_epoch_s"), cost(full_for_top, "time_per_epoch_s"))
-        evidence = (f"Dice {_signed(diff['difference'])} {_ci(diff['ci'])} against full fine-tuning; peak memory "
-                    f"{memory:.2f}x, time per epoch {time:.2f}x full's")
-        status = _balance(diff, memory < 1 and time < 1) if math.isfinite(memory + time) else NOT_RESOLVED
-        out.append(_claim(name, status, evidence + " (supported: Dice not resolved as lower, and cheaper)"))
+        evidence = (f"Dice {_diff_text(diff)} against full fine-tuning; peak memory {memory:.2f}x, time per epoch "
+                    f"{time:.2f}x full's")
+        status = _balance(diff, memory < 1 and time < 1, margin) if math.isfinite(memory + time) else NOT_RESOLVED
+        out.append(_claim(name, status, evidence + f" (supported needs: Dice resolved as at most {margin:g} below, and "
+                          "cheaper)"))
 
     # 4. LoRA is weaker on this small-region task
     name = "LoRA is weaker on this small-region task"
@@ -285,7 +319,7 @@ def claims(comparison: Comparison, cells: list, pretrain_runs: list) -> list[dic
     if diff is None:
         out.append(_claim(name, NOT_TESTED, "needs lora and full cells"))
     else:
-        status = SUPPORTED if diff["ci"][1] < 0 else CONTRADICTED if diff["ci"][0] > 0 else NOT_RESOLVED
-        out.append(_claim(name, status, f"Dice {_signed(diff['difference'])} {_ci(diff['ci'])} against full "
-                                        f"fine-tuning ({diff['cells']} vs {diff['other_cells']} cells)"))
+        out.append(_claim(name, claim_status(diff, "lower", margin),
+                          f"Dice {_diff_text(diff)} against full fine-tuning ({diff['cells']} vs {diff['other_cells']} "
+                          f"cells; supported needs: resolved as lower; contradicted: resolved as at most {margin:g} below)"))
     return out

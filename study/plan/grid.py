@@ -108,6 +108,12 @@ class StudyPlan:
             their best configurations a seed at a time and drop each as soon as it is shown worse.
         race_trials: the race's budget in repeats (0: no limit on repeats).
         race_minutes: the race's budget in minutes (0: no limit on time). With both 0 there is no race.
+        confirm_runs: after the choice on validation (the race's, else the search's), fresh runs of the chosen
+            cell's and the reference's configurations, whose test results confirm the choice
+            (:func:`study.evidence.inference.confirm`; 0: no confirmation, the report then says the test figures
+            are measured after selection). A resolved difference needs 3 on each side.
+        reference: the cell the chosen one is confirmed against (None: ``none__full__<first backbone>``, training
+            from scratch, when the grid has it).
         splits: subjects per split of the embedded cohort (``pretrain``, ``train``, ``val``, ``test``);
             replaces ``subjects`` (empty: ~40/30/15/15% of ``subjects``).
         pretrain_params: per pre-training method, settings that replace its defaults: ``lr`` and
@@ -140,6 +146,8 @@ class StudyPlan:
     race: bool = True
     race_trials: int = 0
     race_minutes: float = 0.0
+    confirm_runs: int = 0
+    reference: str | None = None
     pretrain_params: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
     pretrained: dict = field(default_factory=dict)
@@ -168,7 +176,12 @@ class StudyPlan:
         if self.race_trials < 0 or self.race_minutes < 0:
             raise StudyInputError(f"the race budget must be >= 0, got {self.race_trials} trials, "
                                   f"{self.race_minutes} minutes")
+        if self.confirm_runs < 0:
+            raise StudyInputError(f"confirm_runs must be >= 0, got {self.confirm_runs}")
         ids = {c.id for c in self.cells}
+        if self.reference is not None and self.reference not in ids:
+            raise StudyInputError(f"reference {self.reference!r} is not a cell of this study; its cells: "
+                                  f"{', '.join(sorted(ids)[:20])}")
         for cell in self.cells:
             if cell.pretrain not in self.pretrained:
                 PRETRAIN_METHODS.get(cell.pretrain)
@@ -215,6 +228,14 @@ class StudyPlan:
     def racing(self) -> bool:
         """A race follows the search: racing is on, it has a budget and no uniform seed re-runs replace it."""
         return bool(self.race and not self.seeds and (self.race_trials > 0 or self.race_minutes > 0))
+
+    def reference_cell(self) -> str | None:
+        """The cell the others are compared with: ``reference``, else ``none__full__<first backbone>`` when the
+        grid has it, else None."""
+        if self.reference:
+            return self.reference
+        default = f"none__full__{self.cells[0].backbone}"
+        return default if any(c.id == default for c in self.cells) else None
 
     def samples(self, cell: Cell) -> int:
         """Search trials of ``cell``."""
@@ -312,13 +333,14 @@ BUDGETS: dict[str, dict] = {
     # reaches test Dice 0.84, AUC 0.81 in 10 epochs (at 24 or 40 it learns to segment but its AUC stays
     # near 0.7); 160 unlabelled subjects for pre-training; validation and test splits large enough
     # (80 and 320 hemispheres) for intervals that can separate cells; each trial keeps its best epoch.
-    # The race after the search may run 10 repeats: round 1 re-runs the best cell and the 9 closest to it
+    # The race after the search may run 12 repeats (3 rounds of the 4 best cells on validation), then the chosen
+    # cell and the reference get 3 confirmation runs each; 100 validation subjects to choose on, 120 to confirm on.
     "laptop": dict(num_samples=2, pretrain_epochs=6, finetune_epochs=10, width=8, spacing_mm=4.0,
-                   input_size=(16, 16, 16), grace_period=4, race_trials=10,
-                   splits={"pretrain": 160, "train": 64, "val": 40, "test": 160}),
+                   input_size=(16, 16, 16), grace_period=4, race_trials=12, confirm_runs=3,
+                   splits={"pretrain": 160, "train": 64, "val": 100, "test": 120}),
     # a GPU cluster: 1 mm template resolution, every backbone, tens of epochs and trials per cell
     "paper": dict(num_samples=20, pretrain_epochs=50, finetune_epochs=40, width=24, spacing_mm=1.0,
-                  input_size=(64, 64, 64), grace_period=8, race_trials=100,
+                  input_size=(64, 64, 64), grace_period=8, race_trials=100, confirm_runs=5,
                   splits={"pretrain": 400, "train": 64, "val": 100, "test": 200}),
 }
 

@@ -21,8 +21,8 @@ from ray.tune.search import Searcher
 from search_spaces.finetune import TRAIN_DEFAULTS, train_space
 from study.evidence.racing import Race
 from study.plan.grid import Cell, StudyPlan, pretrain_id
-from study.run.tracking import case_rows
-from trainables.atomic import atomic_write
+from study.run.tracking import split_rows
+from trainables.atomic import atomic_write, atomic_write_text, strict_json
 from trainables.errors import StudyInputError
 from trainables.finetune import STRATEGIES
 from trainables.trials import ran_all_epochs
@@ -59,7 +59,7 @@ def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, di
 
 @dataclass
 class _Live:
-    kind: str  # "pretrain" | "finetune" | "seeds" | "race"
+    kind: str  # "pretrain" | "finetune" | "seeds" | "race" | "confirm"
     key: str  # pre-training job key or cell id
     number: int = -1  # Optuna trial number (-1: fixed parameters, nothing to tell Optuna); a race's round
 
@@ -73,7 +73,7 @@ class _State:
     suggested: dict[str, int] = field(default_factory=dict)  # cell id -> search trials suggested
     completed: dict[str, int] = field(default_factory=dict)  # cell id -> search trials ended (any outcome)
     best: dict[str, tuple[float, dict, dict]] = field(default_factory=dict)  # cell id -> (score, train, params)
-    best_rows: dict[str, list | None] = field(default_factory=dict)  # cell id -> per-case test rows of its best
+    best_rows: dict[str, dict | None] = field(default_factory=dict)  # cell id -> {"val", "test"} rows of its best
     best_model: dict[str, str] = field(default_factory=dict)  # cell id -> model.pt of its best trial
     skipped: dict[str, str] = field(default_factory=dict)  # cell id -> why it cannot run (a teacher without a model)
     reruns: dict[str, int] = field(default_factory=dict)  # cell id -> seed re-runs suggested
@@ -81,6 +81,8 @@ class _State:
     live: dict[str, _Live] = field(default_factory=dict)
     cursor: int = 0
     race: Race | None = None  # the race after the search (None: no race)
+    # the confirmation runs after the choice: {best, reference, chosen_from, queue, trials_used, ended, finished}
+    confirm: dict | None = None
 
 
 class StudySearcher(Searcher):
@@ -98,6 +100,7 @@ class StudySearcher(Searcher):
         race_file: where the race's record is written as it goes (``race.json`` in the study folder).
         external: ``"NAME__BACKBONE" -> body.pt`` of the plan's external checkpoints (:mod:`study.run.checkpoints`).
         task: the study's task spec (its dict form; None: the PCS task): how the race reads per-case rows.
+        confirm_file: where the confirmation runs' record is written (``confirm.json`` in the study folder).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class StudySearcher(Searcher):
         race_file: str | None = None,
         external: dict[str, str] | None = None,
         task: dict | None = None,
+        confirm_file: str | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)  # see PerCellASHA: no study-wide metric for Tune's check
         self.score_metric = metric
@@ -126,6 +130,7 @@ class StudySearcher(Searcher):
             self.state.race = Race(max_trials=plan.race_trials, max_minutes=plan.race_minutes, seed=plan.seed,
                                    task=task)
         self.race_file = race_file
+        self.confirm_file = confirm_file
         for cell in plan.cells:  # no pre-training job (random initialisation, an external checkpoint): ready now
             key = cell.pretrain_id
             if key not in jobs:
@@ -166,7 +171,7 @@ class StudySearcher(Searcher):
             if config is not None:
                 st.cursor = (st.cursor + i + 1) % len(ids)
                 return config
-        config = self._suggest_race(trial_id)
+        config = self._suggest_race(trial_id) or self._suggest_confirm(trial_id)
         if config is not None:
             return config
         if self._finished():
@@ -256,6 +261,46 @@ class StudySearcher(Searcher):
                                     seed, "race")
         return {**config, "race_round": race.round}
 
+    def _repeats_done(self) -> bool:
+        """The search, every seed re-run and the race have ended: the choice on validation can be made."""
+        st = self.state
+        if not self._search_done() or any(live.kind in ("finetune", "seeds", "race") for live in st.live.values()):
+            return False
+        if any(c.id in st.best and st.reruns.get(c.id, 0) < self.plan.seeds for c in self.cells.values()):
+            return False
+        return st.race is None or st.race.finished
+
+    def _suggest_confirm(self, trial_id: str) -> dict | None:
+        """Once the choice is made (the race's best, else the best search run on validation): fresh runs of the
+        chosen cell and of the reference, ``plan.confirm_runs`` each, the i-th of both with the same seed."""
+        st, k = self.state, self.plan.confirm_runs
+        if k <= 0 or st.confirm is not None and not st.confirm["queue"]:
+            return None
+        if st.confirm is None:
+            if not self._repeats_done():
+                return None
+            race_best = st.race.best if st.race is not None else None
+            best = race_best if race_best in st.best else max(st.best, key=lambda c: st.best[c][0], default=None)
+            reference = self.plan.reference_cell()
+            cells = [c for c in dict.fromkeys((best, reference)) if c is not None and c in st.best]
+            st.confirm = {"best": best, "reference": reference, "chosen_from": "race" if race_best else "search",
+                          "queue": [[c, i] for i in range(k) for c in cells], "trials_used": 0, "ended": 0,
+                          "finished": not cells}
+            self._write_confirm()
+            if not cells:
+                return None
+        cell_id, i = st.confirm["queue"].pop(0)
+        st.confirm["trials_used"] += 1
+        cell = self.cells[cell_id]
+        _, train, params = st.best[cell_id]
+        st.live[trial_id] = _Live("confirm", cell_id, i)
+        seed = self.plan.seed * 100003 + 90000 + i  # the i-th confirmation of both cells shares a seed
+        return self.make_finetune(cell, st.checkpoints[cell.pretrain_id] or None, train, params, seed, "confirm")
+
+    def _write_confirm(self) -> None:
+        if self.state.confirm is not None and self.confirm_file:
+            atomic_write_text(Path(self.confirm_file), strict_json(self.state.confirm))
+
     def _write_race(self) -> None:
         path = RACE_RECORD.get("path") or self.race_file  # the launcher's: a resumed study may have moved
         if self.state.race is not None and path:
@@ -274,7 +319,9 @@ class StudySearcher(Searcher):
                 return False
             if cell.id in st.best and st.reruns.get(cell.id, 0) < self.plan.seeds:
                 return False
-        return st.race is None or st.race.finished
+        if st.race is not None and not st.race.finished:
+            return False
+        return self.plan.confirm_runs <= 0 or (st.confirm is not None and st.confirm["finished"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         live = self.state.live.pop(trial_id, None)
@@ -288,6 +335,12 @@ class StudySearcher(Searcher):
                 self.state.checkpoints[live.key] = result["checkpoint_path"]
             return
         if live.kind == "seeds":
+            return
+        if live.kind == "confirm":
+            confirm = self.state.confirm
+            confirm["ended"] += 1
+            confirm["finished"] = not confirm["queue"] and confirm["ended"] >= confirm["trials_used"]
+            self._write_confirm()
             return
         st = self.state
         if live.kind == "race":
@@ -303,7 +356,7 @@ class StudySearcher(Searcher):
             state, value = optuna.trial.TrialState.COMPLETE, float(result[self.score_metric])
             if live.key not in st.best or value > st.best[live.key][0]:
                 st.best[live.key] = (value, *asked)
-                st.best_rows[live.key] = case_rows(result)
+                st.best_rows[live.key] = split_rows(result)
                 st.best_model[live.key] = str(result.get("model_path") or "")
         if live.number >= 0:
             study = self.study(live.key)
@@ -316,7 +369,7 @@ class StudySearcher(Searcher):
         race = self.state.race
         if race is None or live.number != race.round:  # a repeat of a round already evaluated
             return
-        rows = None if error or not result else case_rows(result)
+        rows = None if error or not result else split_rows(result)
         reason = ("the repeat failed after its retries (its reason: the failure_reason tag of its MLflow run)"
                   if error or not result else "" if rows else "the repeat reported no per-case test results")
         race.record(live.key, rows, reason)

@@ -304,6 +304,7 @@ class MLflowTrialCallback(Callback):
         tags = [RunTag("node_id", str(result.get("node_id", ""))), RunTag("node_ip", str(result.get("node_ip", "")))]
         tags += [RunTag(k, str(result[k])) for k in (*RESULT_TAGS, "hostname") if result.get(k) is not None]
         cases = case_rows(result)
+        val_cases = case_rows(result, VAL_CASES)
 
         def op() -> None:
             run_id = self._run_for(trial)
@@ -313,6 +314,8 @@ class MLflowTrialCallback(Callback):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 500], tags=tags if i == 0 else [])
             if cases:  # the test evaluation, one row per (subject, target, region): an MLflow table artifact
                 self.client.log_table(run_id, data=cases_to_columns(cases), artifact_file=TEST_CASES_FILE)
+            if val_cases:  # the kept epoch's validation rows, beside them: what the choice of a cell reads
+                self.client.log_table(run_id, data=cases_to_columns(val_cases), artifact_file=VAL_CASES_FILE)
             self.logged[trial.trial_id] = step
 
         self._submit(f"epoch {step} of trial {trial.trial_id}", op)
@@ -342,19 +345,26 @@ class MLflowTrialCallback(Callback):
 
 
 # The per-case test results a fine-tuning trial reports with its last epoch, and the artifact they become.
-TEST_CASES = "test_cases"
-TEST_CASES_FILE = "test_cases.json"
+TEST_CASES, VAL_CASES = "test_cases", "val_cases"
+TEST_CASES_FILE, VAL_CASES_FILE = "test_cases.json", "val_cases.json"
 
 
-def case_rows(result: dict) -> list | None:
-    """The per-case test rows a fine-tuning trial reports (a JSON text under ``test_cases``), or None."""
-    cases = result.get(TEST_CASES)
+def case_rows(result: dict, key: str = TEST_CASES) -> list | None:
+    """The per-case rows a fine-tuning trial reports (a JSON text under ``test_cases``, or ``val_cases`` for the
+    validation split), or None."""
+    cases = result.get(key)
     if isinstance(cases, str):
         try:
             cases = json.loads(cases)
         except ValueError:
             return None
     return cases if isinstance(cases, list) and cases else None
+
+
+def split_rows(result: dict) -> dict | None:
+    """A finished trial's per-case rows of both splits, ``{"val": rows, "test": rows}``, or None without test rows."""
+    test = case_rows(result)
+    return {"val": case_rows(result, VAL_CASES), "test": test} if test else None
 
 
 def cases_to_columns(rows: list[dict]) -> dict[str, list]:
