@@ -458,7 +458,12 @@ def summary(study: Study) -> dict:
     text = verdict(comparison, evidence) + label_verdict(study.cells, comparison)
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
             "tracking_uri": study.tracking_uri,
-            "verdict": {"text": text, "best": comparison.best, "reference": comparison.reference,
+            "verdict": {"text": text, "best": (evidence.get("selection") or {}).get("best") or comparison.best,
+                        "reference": comparison.reference,
+                        "may_be_best": (evidence.get("selection") or {}).get("may_be_best", []),
+                        # exploratory, on the test split after the choice: the cells whose test-score difference
+                        # from the highest test score has an interval that includes 0
+                        "best_on_test": comparison.best,
                         "indistinguishable_from_best": comparison.tied_with_best(),
                         "test_subjects": len(comparison.subjects), "resamples": comparison.resamples,
                         "confidence": comparison.confidence, "seeds_resampled": comparison.seeds_resampled,

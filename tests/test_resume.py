@@ -202,7 +202,8 @@ def test_race_after_the_search_interrupted_mid_race_and_resumed(tmp_path) -> Non
     assert section["failed"][0]["cell"] == failing and "fault injected" in section["failed"][0]["reason"]
     by_cell = {c["cell"]: c for c in report["cells"]}
     for cell in ("none__top__segresnet", failing):  # the statistics use the completed repeats, not the failed one
-        assert by_cell[cell]["statistics"]["runs"] == 1 + sum(c == cell for c, _ in completed)
+        confirmed = sum(r.data.tags.get("phase") == "confirm" and r.data.tags["cell"] == cell for r in runs)
+        assert by_cell[cell]["statistics"]["runs"] == 1 + sum(c == cell for c, _ in completed) + confirmed
     html = (out / "report" / "report.html").read_text()
     assert '<section id="race"><h2>The race</h2>' in html
     assert all(f"eliminated after round {e['round']}" in html for e in race["eliminated"].values())

@@ -273,16 +273,18 @@ def separation(means: dict[str, float], runs: dict[str, int], run_var: RunVarian
 def select(cells: dict[str, list[Run]], metric: str = "score", alpha: float = ALPHA,
            resamples: int = SUBJECT_RESAMPLES, seed: int = 0) -> Selection:
     """Choose on validation. The best is the highest mean validation ``metric`` over the unselected runs
-    among the cells with ``MIN_RUNS`` of them; without any such cell (no repeats), the highest over every run
-    (the search's selected runs included: a choice may use them, a claim may not). See the module docstring
+    (repeats: seeds or race; never the confirmation runs) among the cells that have any, as the race chooses;
+    without any repeat, the highest over every run (the search's selected runs: a choice may use them, a claim
+    may not). Exclusions need ``MIN_RUNS`` repeats of each cell compared. See the module docstring
     for the set that may be best."""
     # the confirmation runs come after the choice and never feed it
     chooser = {c: [r for r in rs if r.phase != "confirm"] for c, rs in cells.items()}
     repeats = {c: _split_cases(rs, "val") for c, rs in chooser.items()}
     runs = {c: len(v) for c, v in repeats.items()}
     enough = {c: v for c, v in repeats.items() if len(v) >= MIN_RUNS}
-    if enough:
-        chosen_from, pool = "repeats", enough
+    repeated = {c: v for c, v in repeats.items() if v}
+    if repeated:  # as the race chooses: the best mean over repeats, whatever their number
+        chosen_from, pool = "repeats", repeated
     else:
         chosen_from = "search"
         pool = {c: _split_cases(rs, "val", include_selected=True) for c, rs in chooser.items()}

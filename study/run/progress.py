@@ -28,6 +28,10 @@ log = logging.getLogger("study")
 _screen: dict[str, object] = {"stream": None, "console": None}
 
 
+# phases whose trials are not counted per cell: how many there will be is known only as they come
+UNPLANNED = ("race", "confirm")
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to the study's screen: the live display's console, the terminal saved by
     :func:`ray_console_to_log`, or whatever ``sys.stdout`` is now (a test may replace it)."""
@@ -159,7 +163,7 @@ class ProgressCallback(Callback):
         done, active, waiting = self.cell_counts()
         t.add_row("cells", f"{done} done, {active} in progress, {waiting} waiting (of {len(self.cell_trials)})")
         if self.race_ended or self.race_running:
-            t.add_row("race", f"{self.race_ended} repeats ended, {len(self.race_running)} running")
+            t.add_row("race, confirmation", f"{self.race_ended} repeats ended, {len(self.race_running)} running")
         t.add_row("trials", f"{self.ended()}/{self.total} ended: {self.counts['finished']} finished, "
                             f"{self.counts['stopped']} stopped early, {self.counts['failed']} failed; "
                             f"{len(self.running) + len(self.race_running)} running")
@@ -179,7 +183,7 @@ class ProgressCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         from trainables.trials import parse_trial
 
-        if parse_trial(trial.config).phase == "race":  # a race's repeats are not known in advance
+        if parse_trial(trial.config).phase in UNPLANNED:  # a race's repeats are not known in advance
             if trial.trial_id not in self.race_running:
                 self.race_running.add(trial.trial_id)
                 self.total += 1
@@ -216,7 +220,7 @@ class ProgressCallback(Callback):
         self.running.pop(trial.trial_id, None)
         self.counts[outcome] += 1
         spec = parse_trial(trial.config)
-        if spec.phase == "race":
+        if spec.phase in UNPLANNED:
             self.race_running.discard(trial.trial_id)
             self.race_ended += 1
         elif cell in self.cell_trials:
