@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the choice on validation (the race's, else the search's), N fresh runs of the chosen "
                    "cell and of the reference whose test results confirm it (default: the budget's; laptop 3, smoke "
                    "0); a resolved difference needs 3 on each side")
+    p.add_argument("--margin", type=float, default=None, metavar="M",
+                   help="the non-inferiority margin of the report's 'as good at lower cost' claims, in the compared "
+                   "metric's units (default 0.02)")
     p.add_argument("--reference", default=None, metavar="CELL",
                    help="the cell the report compares every other with (default none__full__<backbone>, "
                    "training from scratch), e.g. reconstruction__full__segresnet")

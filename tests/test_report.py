@@ -269,8 +269,8 @@ def test_report_leads_with_the_verdict_and_carries_intervals_for_every_cell(stud
     assert verdict["reference"] == "none__full__segresnet"
     chosen = data["selection"]["best"]
     assert verdict["text"][0].startswith(f"Chosen on validation: {chosen}, ")
-    # two runs per cell (the search's and one seed re-run): nothing can be excluded or confirmed
-    assert data["selection"]["runs"][chosen] == 1 and data["selection"]["chosen_from"] == "search"
+    # two runs per cell (the search's and one seed re-run): the choice rests on one repeat; nothing is excluded
+    assert data["selection"]["runs"][chosen] == 1 and data["selection"]["chosen_from"] == "repeats"
     assert "not resolved: needs repeats" in verdict["text"][1]
     assert "not confirmed on test" in verdict["text"][2] and "Primary comparison" in verdict["text"][2]
     assert data["confirmation"]["status"] == "no confirmation runs"

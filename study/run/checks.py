@@ -35,6 +35,11 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise StudyInputError(f"--checkpoint-every-s must be a number of seconds >= 0 (0 = every epoch), got {every}")
     if getattr(args, "seeds", None) is not None and args.seeds < 0:
         raise StudyInputError(f"--seeds must be >= 0, got {args.seeds}")
+    if getattr(args, "confirm_runs", None) is not None and args.confirm_runs < 0:
+        raise StudyInputError(f"--confirm-runs must be >= 0 (0 = no confirmation on test), got {args.confirm_runs}")
+    margin = getattr(args, "margin", None)
+    if margin is not None and not 0 <= margin < 1:
+        raise StudyInputError(f"--margin must be in [0, 1) (a difference in score, Dice or AUC), got {margin}")
 
 
 def _tcp(host: str, port: int, what: str, fix: str) -> None:
