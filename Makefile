@@ -40,3 +40,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The documentation site (mkdocs.yml, docs/): `make docs` serves it on http://127.0.0.1:8000 and rebuilds on
+# every change; `make docs-build` builds it strictly into out/site (what tests/test_docs.py checks in `make test`).
+.PHONY: docs docs-build
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true
+
+docs: $(STAMP)
+	$(DOCS_ENV) $(VENV)/bin/mkdocs serve $(ARGS)
+
+docs-build: $(STAMP)
+	$(DOCS_ENV) $(VENV)/bin/mkdocs build --strict $(ARGS)
