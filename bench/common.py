@@ -88,3 +88,9 @@ def fixed_trials(work: Path, budget: str, cells: list[tuple[str, str]], per_cell
             train, params = sample_finetune_params(study.ask(), strategy) if sampled else ({}, {})
             configs.append(factory.finetune(cell, None, train, params, plan.seed * 100003 + k + 1))
     return plan, factory, configs
+
+
+def may_be_best(verdict: dict) -> list[str]:
+    """A report's set that may be best: chosen on validation (Hsu's MCB, ``verdict.may_be_best``), or the
+    test-split set (``indistinguishable_from_best``) of a report that predates the choice on validation."""
+    return verdict.get("may_be_best") or verdict["indistinguishable_from_best"]

@@ -6,8 +6,9 @@ The same study (grid, budget, seed) runs twice with the same number of extra tri
 - **race**: ``--race-budget K*cells`` spends at most as many repeats on the cells that can still be the best
   (:mod:`study.evidence.racing`), and fewer when it resolves the best early.
 
-For each, from the study's ``report/report.json``: the extra trials run, the size of the set of cells that
-cannot be told apart from the best, the best cell and the width of its 95% interval of the test score,
+For each, from the study's ``report/report.json``: the extra trials run, the size of the set that may be best
+(Hsu's MCB on validation, ``verdict.may_be_best``; the older test-split set where a report has no selection), the
+chosen cell and the width of its 95% interval of the test score,
 and the wall time of the whole study. Each arm has its own pre-training cache, so that both pay for
 pre-training and their wall times compare.
 
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import print_table, write_result
+from bench.common import may_be_best, print_table, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,7 +57,7 @@ def measure(folder: Path) -> dict:
     extra = sum(v for c in report["cells"] for k, v in c["counts"].items()
                 if k.startswith(("seed re-runs", "race repeats")))
     race = report.get("race") or {}
-    return {"extra_trials": extra, "tied_with_best": len(verdict["indistinguishable_from_best"]),
+    return {"extra_trials": extra, "tied_with_best": len(may_be_best(verdict)),
             "best": verdict["best"], "best_score": best["statistics"]["estimate"]["score"],
             "best_ci_width": hi - lo, "best_runs": best["statistics"]["runs"], "race_status": race.get("status", "-"),
             "cells_left_in_race": len([c for c in race.get("cells", []) if c["outcome"] != "eliminated"]) or None}

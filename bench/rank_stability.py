@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as scipy_stats
 
-from bench.common import write_result
+from bench.common import may_be_best, write_result
 
 METRICS = ("score", "dice", "auc")
 
@@ -57,10 +57,10 @@ def compare_runs(a: Path, b: Path) -> dict:
     cells_b, verdict_b = estimates(b)
     common = sorted(set(cells_a) & set(cells_b))
     out = {"cells": len(common), "best_a": verdict_a["best"], "best_b": verdict_b["best"],
-           "best_a_inside_b_tied_set": verdict_a["best"] in verdict_b["indistinguishable_from_best"],
-           "best_b_inside_a_tied_set": verdict_b["best"] in verdict_a["indistinguishable_from_best"],
-           "tied_set_size_a": len(verdict_a["indistinguishable_from_best"]),
-           "tied_set_size_b": len(verdict_b["indistinguishable_from_best"])}
+           "best_a_inside_b_tied_set": verdict_a["best"] in may_be_best(verdict_b),
+           "best_b_inside_a_tied_set": verdict_b["best"] in may_be_best(verdict_a),
+           "tied_set_size_a": len(may_be_best(verdict_a)),
+           "tied_set_size_b": len(may_be_best(verdict_b))}
     for metric in METRICS:
         x = [cells_a[c][metric] for c in common]
         y = [cells_b[c][metric] for c in common]

@@ -444,9 +444,8 @@ def summary(study: Study) -> dict:
         if stat is not None:
             entry["statistics"] = {
                 "estimate": stat.estimate, "ci": {k: list(v) for k, v in stat.ci.items()}, "runs": stat.runs,
-                "p_best": stat.p_best, "indistinguishable_from_best": stat.indistinguishable_from_best,
-                "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()},
-                "wilcoxon_p": stat.wilcoxon_p, "holm_p": stat.holm_p}
+                "indistinguishable_from_best": stat.indistinguishable_from_best,
+                "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()}}
     from study.evidence.inference import MARGIN
     from study.evidence.verdict import claims, label_verdict, verdict
 

@@ -1,6 +1,9 @@
-"""The report's statistics, from per-case test results: bootstrap confidence intervals over test subjects
-(and seeds), paired differences from a reference cell, Wilcoxon signed-rank tests with Holm's
-correction, the probability of being best and the set of cells that cannot be told apart from the best.
+"""The report's descriptive statistics, from per-case test results: bootstrap confidence intervals over test
+subjects (and seeds), paired differences from a reference cell and from the highest test score. These are the
+ranking table's exploratory figures, measured on the test split after the choice on validation; the choice, the set
+that may be best and the confirmation are :mod:`study.evidence.inference`'s. (A Wilcoxon test on one trained
+model's Dice per cell and the share of resamples a cell wins, "P(best)", were dropped: the first tests two models,
+not two configurations, and the second was not calibrated; see ``bench/inference.py``.)
 
 Every statistic is a function of the per-case rows a fine-tuning trial logs (``test_cases.json``: one row
 per subject, classification target and region with ``dice``, ``truth`` and the called probabilities;
@@ -17,12 +20,10 @@ spec (:mod:`trainables.task`) says which rows make a subject and how the score w
 
 Resampling is by test subject (all regions of a subject move together, as they are not independent)
 with one matrix of resampled subject indices shared by every cell, so that differences between cells are
-paired and the probability of being best compares cells on the same resamples. With seed re-runs, each
+paired. With seed re-runs, each
 resample also draws, for every cell, as many of its runs as it has, with replacement, and averages the
 statistic over them (seeds and subjects resampled together). Intervals are percentile intervals
-(Efron & Tibshirani 1993); the Wilcoxon signed-rank test is ``scipy.stats.wilcoxon`` on per-subject Dice
-(mean over regions and runs); Holm's step-down correction (Holm 1979) controls the family-wise error
-over the cells compared with the reference.
+(Efron & Tibshirani 1993).
 """
 
 from __future__ import annotations
@@ -144,19 +145,6 @@ def score_of(c: Cases, idx: np.ndarray) -> np.ndarray:
 STATISTICS = {"score": score_of, "dice": dice_of, "auc": auc_of}
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (monotone, capped at 1), in the input's order; NaN stays NaN."""
-    p = np.asarray(pvalues, dtype=float)
-    valid = np.flatnonzero(np.isfinite(p))
-    adjusted = np.full(p.shape, np.nan)
-    order = valid[np.argsort(p[valid], kind="stable")]
-    m, running = len(order), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
-
-
 def interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The percentile interval of bootstrap ``samples`` (NaNs, from resamples where a statistic is
     undefined, left out)."""
@@ -171,7 +159,7 @@ def interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float
 
 @dataclass
 class CellStats:
-    """One cell's estimates and intervals, its comparison with the reference and its chance of being best."""
+    """One cell's estimates and intervals, and its comparison with the reference and the highest test score."""
 
     cell: str
     runs: int
@@ -180,9 +168,6 @@ class CellStats:
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     subjects_ci: tuple[float, float] | None = None  # the test score's interval over the test subjects alone
     vs_reference: dict[str, dict] = field(default_factory=dict)  # metric -> {difference, ci}
-    wilcoxon_p: float | None = None
-    holm_p: float | None = None
-    p_best: float = 0.0
     vs_best: dict = field(default_factory=dict)  # {difference, ci} of best - this cell, on the score
     indistinguishable_from_best: bool = False
 
@@ -266,7 +251,7 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
 
     Args:
         runs: cell id -> the per-case results of its runs (the best trial, then its seed re-runs).
-        reference: the cell every other is compared with (paired differences, Wilcoxon, Holm).
+        reference: the cell every other is compared with (paired differences).
         resamples: bootstrap resamples (shared by all cells).
         seed: seeds the resampling, so a report is reproducible.
         confidence: of every interval.
@@ -278,8 +263,7 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
             normal intervals over the test subjects (bootstrap, every run of a cell in every resample) and
             this variation (``sd^2 / k`` for a cell, ``sd^2 (1/k_best + 1/k_cell)`` for a difference, ``k``
             the runs), so that a cell with one run does not look surer than it is; so are the test score's
-            difference from the reference and :meth:`Comparison.group_difference`; P(best) then draws each
-            cell's training-run variation (normal, ``sd^2 / k``) into every resample.
+            difference from the reference and :meth:`Comparison.group_difference`.
     """
     missing = sorted(c for c, r in runs.items() if not r)
     runs = {c: r for c, r in runs.items() if r}
@@ -323,8 +307,6 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
 
     reference = reference if reference in cells else None
     if reference is not None:
-        ref_subject_dice = np.mean([x.dice.mean(axis=1) for x in runs[reference]], axis=0)
-        raw = {}
         for cell, stat in cells.items():
             if cell == reference:
                 continue
@@ -336,21 +318,8 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
                 else:
                     ci = interval(samples[cell][metric] - samples[reference][metric], confidence)
                 stat.vs_reference[metric] = {"difference": point, "ci": ci}
-            subject_dice = np.mean([x.dice.mean(axis=1) for x in runs[cell]], axis=0)
-            raw[cell] = wilcoxon_p(subject_dice, ref_subject_dice)
-        for cell, adjusted in zip(raw, holm(list(raw.values())), strict=True):
-            cells[cell].wilcoxon_p, cells[cell].holm_p = raw[cell], adjusted
 
-    if between_run_sd is None:
-        scores = np.stack([samples[c]["score"] for c in cells])  # (cells, resamples)
-    else:  # as in the intervals: the test subjects' resampling plus one run's variation, sd^2 / k, per cell
-        scores = np.stack([subject_only[c] + rng.normal(0.0, between_run_sd / np.sqrt(cells[c].runs), resamples)
-                           for c in cells])
-    top = scores == np.nanmax(scores, axis=0, keepdims=True)
-    share = top / np.maximum(top.sum(axis=0, keepdims=True), 1)  # a tie shares the win
-    for stat, p in zip(cells.values(), share.mean(axis=1), strict=True):
-        stat.p_best = float(p)
-    best = max(cells, key=lambda c: (np.nan_to_num(cells[c].estimate["score"], nan=-1), cells[c].p_best))
+    best = max(cells, key=lambda c: np.nan_to_num(cells[c].estimate["score"], nan=-1))
     for cell, stat in cells.items():
         if cell == best:
             stat.indistinguishable_from_best = True
@@ -365,15 +334,3 @@ def compare(runs: dict[str, list[Cases]], reference: str | None = None, resample
         stat.indistinguishable_from_best = bool(lo <= 0.0)
     return Comparison(cells, common, reference, best, resamples, confidence, seeds_resampled, missing, samples,
                       between_run_sd, subject_only)
-
-
-def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p of paired samples ``x``, ``y`` (``scipy.stats.wilcoxon``); 1.0 when
-    every difference is zero (nothing to rank), NaN with fewer than two pairs."""
-    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
-    d = d[np.isfinite(d)]
-    if d.size < 2:
-        return float("nan")
-    if not np.any(d != 0):
-        return 1.0
-    return float(scipy_stats.wilcoxon(d).pvalue)
