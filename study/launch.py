@@ -20,7 +20,7 @@ from pathlib import Path
 
 from study.evidence.racing import CONFIRM_FILE, RACE_FILE, read_confirmation, read_race
 from study.evidence.racing import FINAL as RACE_FINAL
-from study.plan.grid import GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
+from study.plan.grid import BUDGETS, GRIDS, Cell, StudyPlan, labelled_count, pretrain_id, select_plan
 from trainables import shared_storage
 from trainables.atomic import atomic_write_text
 from trainables.errors import StudyInputError
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, metavar="NAME|FILE.yaml",
                    help="the task: a built-in name (pcs: PCS presence per hemisphere, the default; pcs3: absent / "
                    "present / prominent) or a task spec file; default: task.yaml beside the --cohort manifest, "
-                   "else pcs (README, 'Your own task')")
+                   "else pcs (docs: How-to, 'Your own task')")
     p.add_argument("--roi", choices=ROI_MODES, default=None,
                    help="how images reach the study's MNI box: register (affine registration to the ICBM152 "
                    "template; whole-head scans in any orientation; the default with --cohort), template "
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "where the budget has a race budget: laptop, paper)")
     p.add_argument("--race-budget", metavar="N|Mmin", default=None,
                    help="the race's budget: N repeats (e.g. 16) or M minutes (e.g. 10min); "
-                   "default: the budget's (laptop 10 repeats, paper 100)")
+                   "default: the budget's ("
+                   + ", ".join(f"{n} {b['race_trials']} repeats" for n, b in BUDGETS.items() if b.get("race_trials"))
+                   + ")")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: start a local Ray")
     p.add_argument("--gpus-per-trial", type=float, default=None,
@@ -250,8 +252,9 @@ def pretrained_args(values: list[str] | None) -> dict[str, str] | None:
 def default_roi(cohort: str | None) -> str:
     """``register`` for a user's cohort (whole-head scans in scanner space); ``template`` for the embedded
     cohort, whose generator writes every subject in the MNI box already. Registering the embedded cohort
-    resamples its 4 mm voxels a second time, which blurs its one-voxel grooves: the laptop calibration's
-    none x full fell from test Dice 0.840 / AUC 0.812 to 0.695 / 0.603 (bench/RESULTS.md, "Registration")."""
+    resamples its 4 mm voxels a second time, which blurs its one-voxel grooves and costs none x full much of
+    its Dice and AUC (measured by ``bench/registration.py``; its figures are on the documentation's Results
+    page)."""
     return "register" if cohort else "template"
 
 

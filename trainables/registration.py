@@ -14,7 +14,7 @@ are handled by one code path. The result is the 4x4 ``matrix`` that maps a templ
 the subject's world point; resampling the subject into the box samples it at ``matrix @ p`` for each
 box point ``p``, and a prediction goes back through the inverse.
 
-Quality checks (thresholds documented in the README): normalised cross-correlation with the template
+Quality checks (the thresholds are the constants below): normalised cross-correlation with the template
 inside the box and the template's brain, at least :data:`MIN_NCC`; the affine's scales (singular
 values) within :data:`SCALE_RANGE`, and a positive determinant (a negative one is a left-right flip,
 which would swap the hemispheres). Pure NumPy/SciPy/SimpleITK: never imports Ray or MLflow.

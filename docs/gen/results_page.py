@@ -14,7 +14,7 @@ from _lib import ROOT, cell, code, first_paragraph, module_doc, number, prose, t
 
 RESULTS = ROOT / "bench" / "results"
 PROVENANCE = ("machine", "date", "commit", "command")
-MAX_ROWS = 30  # rows shown per table; the JSON holds the rest
+MAX_ROWS = 80  # rows shown per table; the JSON holds the rest
 MAX_COLUMNS = 16  # beyond this, nested objects in rows are left to the JSON
 MISSING = "**not recorded in this file**"
 

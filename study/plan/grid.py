@@ -328,11 +328,10 @@ BUDGETS: dict[str, dict] = {
     "smoke": dict(num_samples=1, pretrain_epochs=1, finetune_epochs=2, width=8, spacing_mm=4.0,
                   input_size=(16, 16, 16), grace_period=1, race_trials=0,
                   splits={"pretrain": 4, "train": 4, "val": 2, "test": 2}),
-    # the full grid on a 2-core laptop: 16^3 at 4 mm (the 64 mm crop box), narrow networks. Calibrated with
-    # bench/calibrate.py (bench/RESULTS.md): 64 labelled training subjects is where from-scratch none x full
-    # reaches test Dice 0.84, AUC 0.81 in 10 epochs (at 24 or 40 it learns to segment but its AUC stays
-    # near 0.7); 160 unlabelled subjects for pre-training; validation and test splits large enough
-    # (80 and 320 hemispheres) for intervals that can separate cells; each trial keeps its best epoch.
+    # the full grid on a 2-core laptop: 16^3 at 4 mm (the 64 mm crop box), narrow networks. The training split
+    # and the epochs were calibrated with bench/calibrate.py (its figures: bench/results/calibrate.json): 64
+    # labelled subjects is where from-scratch none x full learns both to segment and to call presence in 10
+    # epochs; 160 unlabelled subjects for pre-training; each trial keeps its best epoch.
     # The race after the search may run 12 repeats (3 rounds of the 4 best cells on validation), then the chosen
     # cell and the reference get 3 confirmation runs each; 100 validation subjects to choose on, 120 to confirm on.
     "laptop": dict(num_samples=2, pretrain_epochs=6, finetune_epochs=10, width=8, spacing_mm=4.0,
