@@ -10,7 +10,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 TORCH := $(if $(HAS_CUDA),,torch==2.13.0)
 
-.PHONY: setup study test lint bench clean test-tools
+.PHONY: setup study test test-fast lint bench clean test-tools
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,16 @@ study: $(STAMP)
 test-tools:
 	@(command -v chromium && command -v tmux && test -f /usr/share/mricron/templates/ch2.nii.gz) >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux mricron-data) || true
 
+# The whole suite on two pytest-xdist workers: the end-to-end group (tests marked slow: a real Ray, a launcher run)
+# on one, one test after another, the rest on the other (tests/conftest.py). PYTEST_ARGS adds options, e.g.
+# PYTEST_ARGS="-k report"; XDIST="-n 0" runs in one process.
+XDIST ?= -n 2 --dist loadgroup
 test: $(STAMP) test-tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+# The inner loop for contributors: everything but the end-to-end group.
+test-fast: $(STAMP) test-tools
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

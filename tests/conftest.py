@@ -39,6 +39,25 @@ def tiny_cohort_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
     return target / "manifest.csv"
 
 
+# The end-to-end group is every test marked ``slow``: a real Ray (a local one, a cluster of two nodes) or a whole
+# launcher run. ``make test-fast`` leaves it out (``-m "not slow"``). Under pytest-xdist (``make test`` runs
+# ``-n 2 --dist loadgroup``) the group runs on one worker, one test after another, so that two Ray clusters never
+# start at once (``ray.init()`` joins a cluster that ``ray start`` left running), while the other worker takes the
+# rest; each worker's torch then uses one thread, so the two do not oversubscribe the cores.
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def start_local_ray(**kwargs) -> None:
     """A real local Ray whose workers can import this folder's test modules (their trainables)."""
     import os

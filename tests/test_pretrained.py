@@ -106,6 +106,7 @@ def test_this_projects_pretraining_cache_loads_as_a_folder(tmp_path):
     assert state_fingerprint(body) == state_fingerprint(torch.load(body_file, weights_only=True))
 
 
+@pytest.mark.slow
 def test_a_study_with_an_external_checkpoint_and_two_label_fractions(tmp_path):
     """``--pretrained mine=FILE --label-fractions 0.5,1.0`` on the smoke grid. The external method joins every
     strategy; each of its runs is tagged with the file's sha256, logs the loaded fraction and starts from

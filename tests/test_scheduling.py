@@ -12,6 +12,8 @@ from study.run.resources import gpu_share, trial_resources
 from study.run.scheduling import PerCellASHA
 from trainables.errors import StudyInputError
 
+pytestmark = pytest.mark.slow  # a real local Ray per module
+
 
 @pytest.fixture(scope="module")
 def ray_one_gpu():
