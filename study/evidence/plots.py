@@ -95,8 +95,9 @@ def plot_tradeoff(points: list[dict], cost_key: str, cost_label: str, path: Path
 
 
 def plot_forest(rows: list[dict], path: Path, reference: str | None = None, between_runs: bool = False) -> Path:
-    """Cells sorted by test score, each with its 95% interval: the best in crimson, the cells that cannot
-    be told apart from it in orange, the rest grey; the reference cell marked with a diamond.
+    """Cells sorted by test score, each with its 95% interval: the highest in crimson, the cells that cannot
+    be told apart from it on test in orange, the rest grey; the reference cell marked with a diamond. The figures
+    are measured after the choice on validation (exploratory), and the title says so.
 
     Args:
         rows: dicts with ``label``, ``score``, ``lo``, ``hi`` and ``tied``.
@@ -119,8 +120,8 @@ def plot_forest(rows: list[dict], path: Path, reference: str | None = None, betw
                                      for r in rows], fontsize=7)
     ax.set_xlabel("test score with 95% CI (bootstrap over test subjects"
                   + (",\nand the variation between training runs)" if between_runs else ")"), fontsize=9)
-    ax.set_title("Cells by test score: best (red), cannot be told apart from it (orange), the rest (grey)",
-                 fontsize=9)
+    ax.set_title("Exploratory, on test after the choice on validation: the highest test score (red),\n"
+                 "not separated from it on test (orange), the rest (grey)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
 
