@@ -3,7 +3,8 @@ subjects (and seeds), paired differences from a reference cell and from the high
 ranking table's exploratory figures, measured on the test split after the choice on validation; the choice, the set
 that may be best and the confirmation are :mod:`study.evidence.inference`'s. (A Wilcoxon test on one trained
 model's Dice per cell and the share of resamples a cell wins, "P(best)", were dropped: the first tests two models,
-not two configurations, and the second was not calibrated; see ``bench/inference.py``.)
+not two configurations, and the second was far from calibrated in a simulation with known truth (issue 26);
+``bench/inference.py`` checks what replaced them.)
 
 Every statistic is a function of the per-case rows a fine-tuning trial logs (``test_cases.json``: one row
 per subject, classification target and region with ``dice``, ``truth`` and the called probabilities;
