@@ -263,7 +263,7 @@ def run_machine() -> str:
 # -- resuming ---------------------------------------------------------------------------------------------------
 
 SAME_MEASUREMENT = ("budget", "tiny", "device", "input_size", "width", "finetune_epochs", "pretrain_epochs",
-                    "batch_size", "splits", "cells")
+                    "batch_size", "splits", "cells", "recipe")
 
 
 def measurement_key(settings: dict) -> dict:
@@ -373,6 +373,26 @@ def _pearson(x: list, y: list) -> float | None:
 
 # -- main -------------------------------------------------------------------------------------------------------
 
+def parse_recipe(text: str) -> dict:
+    """``KEY=VALUE,...`` -> TrainConfig fields (numbers as numbers), checked against TrainConfig."""
+    from dataclasses import fields
+
+    from trainables.engine import TrainConfig
+
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    out: dict = {}
+    for item in (c.strip() for c in text.split(",") if c.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--recipe {item!r}: write KEY=VALUE with KEY one of {', '.join(known)}")
+        try:
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            out[key] = value
+    TrainConfig(**out)  # the config's own checks
+    return out
+
+
 def parse_cells(text: str) -> list[tuple[str, str]]:
     cells = []
     for item in (c.strip() for c in text.split(",") if c.strip()):
@@ -390,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--designs", default=",".join(DESIGNS), help=f"comma list of {', '.join(DESIGNS)}")
     p.add_argument("--repeats", type=int, default=2, help="extra runs of seed s_0 for the repeat design")
     p.add_argument("--budget", default="laptop", help="the study budget (study.plan.grid.BUDGETS)")
+    p.add_argument("--recipe", default="", help="training-recipe fields for every run, KEY=VALUE,... of "
+                   "trainables.engine.TrainConfig (e.g. ema_decay=0.99,lr_schedule=cosine): a lever to measure")
     p.add_argument("--study-seed", type=int, default=0, help="the study seed (cohort, Optuna, the race's seeds)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (every trial; a pre-training too)")
     p.add_argument("--workers", type=int, default=1, help="processes at once (1: in this process, in turn)")
@@ -444,7 +466,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(plan, cells, factory, params, pretrained, work, time.perf_counter() - start)
 
 
-def trial_tasks(prep: Prepared, seeds: list[int], designs: list[str], repeats: int, device: str) -> list[dict]:
+def trial_tasks(prep: Prepared, seeds: list[int], designs: list[str], repeats: int, device: str,
+                recipe: dict | None = None) -> list[dict]:
     """One fine-tuning trial config per planned run, as the launcher builds it (``TrialFactory.finetune``), with
     the run's data seed as ``train.seed`` and its own model folder."""
     tasks = []
@@ -452,7 +475,8 @@ def trial_tasks(prep: Prepared, seeds: list[int], designs: list[str], repeats: i
         cell = next(c for c in prep.cells if c.id == run["cell"])
         train, strategy_params = prep.params[cell.id]
         found = prep.pretrained.get(cell.pretrain_id)
-        config = prep.factory.finetune(cell, found["checkpoint_path"] if found else None, {**train, "device": device},
+        config = prep.factory.finetune(cell, found["checkpoint_path"] if found else None,
+                                       {**train, **(recipe or {}), "device": device},
                                        strategy_params, run["data_seed"], phase="search")
         name = f"{cell.id}__i{run['init_seed']}_d{run['data_seed']}_r{run['replicate']}"
         config["output_dir"] = str(prep.work / "models" / name)
@@ -497,13 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan, ids = prep.plan, [c.id for c in prep.cells]
     seeds = race_seeds(plan, args.seeds)
-    tasks = trial_tasks(prep, seeds, designs, args.repeats, args.device)
+    recipe = parse_recipe(args.recipe)
+    tasks = trial_tasks(prep, seeds, designs, args.repeats, args.device, recipe)
     settings = {"budget": plan.name if args.tiny else args.budget, "tiny": args.tiny, "seeds": seeds,
                 "designs": designs, "repeats": args.repeats, "device": args.device, "workers": args.workers,
                 "input_size": list(plan.input_size), "width": plan.width, "finetune_epochs": plan.finetune_epochs,
                 "pretrain_epochs": plan.pretrain_epochs, "batch_size": plan.batch_size, "splits": plan.splits,
                 "cells": {c: {"train": prep.params[c][0], "strategy_params": prep.params[c][1]} for c in ids},
-                "pretrain": prep.pretrained, "prepare_s": prep.seconds}
+                "pretrain": prep.pretrained, "prepare_s": prep.seconds, "recipe": recipe}
     earlier = {"runs": [], "commands": [], "wall_s": []}
     result = (args.results or RESULTS) / "variance.json"
     if args.resume and result.is_file():

@@ -6,6 +6,7 @@ trial failed and a plain Python loop, a test or a benchmark can call the same co
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -27,6 +28,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf: the trial diverged (Tune marks it failed with this message)."""
 
 
+LR_SCHEDULES = ("constant", "cosine")
+KEEP_EPOCHS = ("best", "last")
+
+
 @dataclass
 class TrainConfig:
     """How to fine-tune.
@@ -43,6 +48,15 @@ class TrainConfig:
         seed: seeds torch, numpy and Python's random.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         num_threads: torch CPU threads (0 = leave as is).
+        lr_schedule: ``constant`` or ``cosine`` (the rates decay per step to 0 at the last step; Loshchilov &
+            Hutter 2017, SGDR), after the warm-up.
+        warmup_epochs: the rates rise linearly per step from 0 over this many epochs (0: no warm-up).
+        ema_decay: 0 (off) or the decay of an exponential moving average of the weights
+            (``torch.optim.swa_utils.AveragedModel``; Polyak & Juditsky 1992): validation, test and the saved
+            model use the averaged weights.
+        grad_clip_norm: 0 (off) or the largest gradient norm of a step (``torch.nn.utils.clip_grad_norm_``).
+        keep_epoch: which epoch's weights the trial keeps and tests: ``best`` (the best validation score) or
+            ``last`` (no choice on validation inside a run).
     """
 
     epochs: int = 5
@@ -56,6 +70,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    ema_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+    keep_epoch: str = "best"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -68,6 +87,16 @@ class TrainConfig:
                 raise StudyInputError(f"{name} must be in (0, 1), got {value!r}")
         if self.weight_decay < 0 or self.seg_weight < 0 or self.cls_weight < 0:
             raise StudyInputError("weight_decay, seg_weight and cls_weight must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise StudyInputError(f"lr_schedule {self.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
+        if not (isinstance(self.warmup_epochs, (int, float)) and 0 <= self.warmup_epochs < self.epochs):
+            raise StudyInputError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise StudyInputError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay!r}")
+        if not (isinstance(self.grad_clip_norm, (int, float)) and self.grad_clip_norm >= 0):
+            raise StudyInputError(f"grad_clip_norm must be 0 (off) or positive, got {self.grad_clip_norm!r}")
+        if self.keep_epoch not in KEEP_EPOCHS:
+            raise StudyInputError(f"keep_epoch {self.keep_epoch!r}: choose {' or '.join(KEEP_EPOCHS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,11 +293,15 @@ def train_epoch(
     loss_fn: MultiTaskLoss,
     device: torch.device,
     measure_memory: bool = False,
+    grad_clip_norm: float = 0.0,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean losses, wall time, data-wait time and volumes/s, and with
     ``measure_memory`` (CPU) ``tensor_peak_mb``: the peak tensor memory of the first step
-    (:func:`step_tensor_peak_mb`)."""
+    (:func:`step_tensor_peak_mb`). ``grad_clip_norm`` > 0 clips each step's gradient norm; ``after_step`` runs
+    after every optimiser step (the learning-rate schedule, the weight average)."""
     model.train()
+    clipped = [p for group in optimizer.param_groups for p in group["params"]] if grad_clip_norm else []
     totals: dict[str, float] = {}
     n_batches = n_volumes = 0
     wait = 0.0
@@ -285,7 +318,11 @@ def train_epoch(
                 raise NonFiniteLossError(f"training loss is {loss.item()} at batch {index}: the trial diverged")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clipped:
+                nn.utils.clip_grad_norm_(clipped, grad_clip_norm)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             return losses
 
         if measure_memory and n_batches == 0:
@@ -383,6 +420,36 @@ class Schedule:
         return min(1.0, after / (self.warmup_epochs + 1))
 
 
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int, schedule: Schedule | None = None) -> Callable[[int], float]:
+    """The factor of every base learning rate at optimiser step ``step`` (0-based) for
+    ``torch.optim.lr_scheduler.LambdaLR``: the linear warm-up over ``cfg.warmup_epochs``, then ``cfg.lr_schedule``
+    (constant, or a cosine to 0 at the last step), times a staged strategy's ramp after its switch
+    (:meth:`Schedule.lr_scale` of the step's epoch)."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            value = (step + 1) / warmup
+        elif cfg.lr_schedule == "cosine":
+            value = 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+        else:
+            value = 1.0
+        if schedule is not None:
+            value *= schedule.lr_scale(step // steps_per_epoch + 1)
+        return value
+
+    return factor
+
+
+def _steps_per_epoch(loader: Iterable[dict], batch_size: int) -> int:
+    try:
+        return max(len(loader), 1)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise StudyInputError("the training loader has no length: the learning-rate schedule counts steps per "
+                              f"epoch (batch size {batch_size}); pass a DataLoader or a list of batches") from exc
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]]
@@ -423,7 +490,20 @@ def fit(
     model.to(device)
     optimizer = make_optimizer(model, cfg)  # every parameter that trains in any phase
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    steps_per_epoch = _steps_per_epoch(train_loader, cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, schedule))
+    averaged = None  # the weight average: what is validated, tested and kept
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    evaluated = averaged.module if averaged is not None else model
+
+    def after_step() -> None:
+        scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
+
     loss_fn = MultiTaskLoss(cfg.seg_weight, cfg.cls_weight, task).to(device)
     trainable, total = count_parameters(model)
     phase_trainable: dict[int, int] = {}
@@ -439,16 +519,32 @@ def fit(
         history = list(resume["history"])
         first_epoch = int(resume["epoch"]) + 1
         elapsed_before = history[-1]["time_total_s"] if history else 0.0
+        if resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        else:  # a checkpoint written before the schedule was saved: the step it stopped at
+            scheduler.last_epoch = (first_epoch - 1) * steps_per_epoch - 1
+            scheduler.step()
+        if averaged is not None and resume.get("averaged") is not None:
+            averaged.module.load_state_dict(resume["averaged"]["state"], strict=False)
+            averaged.n_averaged.fill_(int(resume["averaged"]["n"]))
 
     # the weights of the epoch with the best validation score: the trial's test results and model are theirs
     best: dict = {"score": float("-inf"), "epoch": 0, "state": None}
     if resume is not None and resume.get("best") is not None:
         best = dict(resume["best"])
 
+    def changing_state(net: nn.Module) -> dict[str, torch.Tensor]:
+        """What training changes in ``net`` (the model or its average): the optimised parameters and buffers."""
+        names = {n for n, p in model.named_parameters() if id(p) in optimised} | {n for n, _ in model.named_buffers()}
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in names}
+
     def state() -> dict:
         trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if id(v) in optimised}
-        return {"trained": trained, "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
-                "history": list(history), "best": best}
+        out = {"trained": trained, "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
+               "history": list(history), "best": best, "scheduler": scheduler.state_dict()}
+        if averaged is not None:
+            out["averaged"] = {"state": changing_state(averaged.module), "n": int(averaged.n_averaged)}
+        return out
 
     start = time.perf_counter() - elapsed_before
     # CPU: the peak tensor memory of the first training step of each phase in this run of the loop
@@ -465,15 +561,14 @@ def fit(
             if schedule is not None:
                 schedule.enter(model, epoch)
                 phase = schedule.phase(epoch)
-                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = lr * schedule.lr_scale(epoch)
             row = train_epoch(model, train_loader, optimizer, loss_fn, device,
-                              measure_memory=device.type == "cpu" and phase not in tensor_peaks)
+                              measure_memory=device.type == "cpu" and phase not in tensor_peaks,
+                              grad_clip_norm=cfg.grad_clip_norm, after_step=after_step)
             if "tensor_peak_mb" in row:
                 tensor_peaks[phase] = row.pop("tensor_peak_mb")
             tensor_peak = max(tensor_peaks.values()) if tensor_peaks else None
             phase_seconds.setdefault(phase, []).append(row["epoch_time_s"])
-            val = evaluate(model, val_loader, device, spacing_mm, task)
+            val = evaluate(evaluated, val_loader, device, spacing_mm, task)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["score"] = val["score"]
             if schedule is not None:
@@ -484,11 +579,8 @@ def fit(
                     row[f"phase{p}_trainable_params"] = count
                 for p, peak in tensor_peaks.items():
                     row[f"phase{p}_peak_memory_mb"] = peak
-            if val["score"] > best["score"]:  # what training changes: the optimised parameters and buffers
-                changing = {n for n, p in model.named_parameters() if id(p) in optimised}
-                changing |= {n for n, _ in model.named_buffers()}
-                best = {"score": val["score"], "epoch": epoch,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in changing}}
+            if val["score"] > best["score"] or (cfg.keep_epoch == "last" and epoch == cfg.epochs):
+                best = {"score": val["score"], "epoch": epoch, "state": changing_state(evaluated)}
             row.update(
                 epoch=epoch,
                 peak_memory_mb=memory.mb() if device.type == "cuda" else tensor_peak,
@@ -499,8 +591,9 @@ def fit(
                 time_total_s=time.perf_counter() - start,
             )
             row["time_per_epoch_s"] = row["time_total_s"] / epoch
-            if epoch == cfg.epochs and best["state"] is not None and best["epoch"] != epoch:
-                # the trial keeps its best epoch's weights; its last report carries their validation score
+            if epoch == cfg.epochs and best["state"] is not None and (best["epoch"] != epoch or averaged is not None):
+                # the trial keeps its kept epoch's weights (averaged, with ema_decay); its last report carries
+                # their validation score
                 model.load_state_dict(best["state"], strict=False)
                 row["score"] = best["score"]
             if epoch == cfg.epochs:
