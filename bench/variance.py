@@ -263,7 +263,7 @@ def run_machine() -> str:
 # -- resuming ---------------------------------------------------------------------------------------------------
 
 SAME_MEASUREMENT = ("budget", "tiny", "device", "input_size", "width", "finetune_epochs", "pretrain_epochs",
-                    "batch_size", "splits", "cells", "recipe")
+                    "batch_size", "splits", "cells", "recipe", "backbone_options")
 
 
 def measurement_key(settings: dict) -> dict:
@@ -373,23 +373,45 @@ def _pearson(x: list, y: list) -> float | None:
 
 # -- main -------------------------------------------------------------------------------------------------------
 
-def parse_recipe(text: str) -> dict:
-    """``KEY=VALUE,...`` -> TrainConfig fields (numbers as numbers), checked against TrainConfig."""
+def parse_fields(text: str, config_cls: type, flag: str) -> dict:
+    """``KEY=VALUE,...`` -> fields of ``config_cls`` (numbers as numbers, true/false as booleans), checked by
+    building the config."""
     from dataclasses import fields
 
-    from trainables.engine import TrainConfig
-
-    known = {f.name: f.type for f in fields(TrainConfig)}
+    known = [f.name for f in fields(config_cls)]
     out: dict = {}
     for item in (c.strip() for c in text.split(",") if c.strip()):
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise SystemExit(f"--recipe {item!r}: write KEY=VALUE with KEY one of {', '.join(known)}")
+            raise SystemExit(f"{flag} {item!r}: write KEY=VALUE with KEY one of {', '.join(known)}")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
         try:
             out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
             out[key] = value
-    TrainConfig(**out)  # the config's own checks
+    return out
+
+
+def parse_recipe(text: str) -> dict:
+    """``--recipe``: TrainConfig fields, checked by TrainConfig."""
+    from trainables.engine import TrainConfig
+
+    out = parse_fields(text, TrainConfig, "--recipe")
+    TrainConfig(**out)
+    return out
+
+
+def parse_head(text: str) -> dict:
+    """``--backbone-options``: BackboneConfig fields that shape only the heads (the body, and so the
+    pre-training checkpoint, stays the same)."""
+    from trainables.backbones import HEAD_ONLY_FIELDS, BackboneConfig
+
+    out = parse_fields(text, BackboneConfig, "--backbone-options")
+    if set(out) - set(HEAD_ONLY_FIELDS):
+        raise SystemExit(f"--backbone-options: only {', '.join(HEAD_ONLY_FIELDS)} (the heads) can change here")
+    BackboneConfig(**out)
     return out
 
 
@@ -412,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="laptop", help="the study budget (study.plan.grid.BUDGETS)")
     p.add_argument("--recipe", default="", help="training-recipe fields for every run, KEY=VALUE,... of "
                    "trainables.engine.TrainConfig (e.g. ema_decay=0.99,lr_schedule=cosine): a lever to measure")
+    p.add_argument("--backbone-options", default="", help="head-only BackboneConfig fields for every fine-tuning "
+                   "run, KEY=VALUE,... (e.g. cls_reads_seg=true)")
     p.add_argument("--study-seed", type=int, default=0, help="the study seed (cohort, Optuna, the race's seeds)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (every trial; a pre-training too)")
     p.add_argument("--workers", type=int, default=1, help="processes at once (1: in this process, in turn)")
@@ -467,7 +491,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 
 def trial_tasks(prep: Prepared, seeds: list[int], designs: list[str], repeats: int, device: str,
-                recipe: dict | None = None) -> list[dict]:
+                recipe: dict | None = None, head: dict | None = None) -> list[dict]:
     """One fine-tuning trial config per planned run, as the launcher builds it (``TrialFactory.finetune``), with
     the run's data seed as ``train.seed`` and its own model folder."""
     tasks = []
@@ -478,6 +502,7 @@ def trial_tasks(prep: Prepared, seeds: list[int], designs: list[str], repeats: i
         config = prep.factory.finetune(cell, found["checkpoint_path"] if found else None,
                                        {**train, **(recipe or {}), "device": device},
                                        strategy_params, run["data_seed"], phase="search")
+        config["backbone"].update(head or {})
         name = f"{cell.id}__i{run['init_seed']}_d{run['data_seed']}_r{run['replicate']}"
         config["output_dir"] = str(prep.work / "models" / name)
         tasks.append({**run, "config": config})
@@ -521,14 +546,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan, ids = prep.plan, [c.id for c in prep.cells]
     seeds = race_seeds(plan, args.seeds)
-    recipe = parse_recipe(args.recipe)
-    tasks = trial_tasks(prep, seeds, designs, args.repeats, args.device, recipe)
+    recipe, head = parse_recipe(args.recipe), parse_head(args.backbone_options)
+    tasks = trial_tasks(prep, seeds, designs, args.repeats, args.device, recipe, head)
     settings = {"budget": plan.name if args.tiny else args.budget, "tiny": args.tiny, "seeds": seeds,
                 "designs": designs, "repeats": args.repeats, "device": args.device, "workers": args.workers,
                 "input_size": list(plan.input_size), "width": plan.width, "finetune_epochs": plan.finetune_epochs,
                 "pretrain_epochs": plan.pretrain_epochs, "batch_size": plan.batch_size, "splits": plan.splits,
                 "cells": {c: {"train": prep.params[c][0], "strategy_params": prep.params[c][1]} for c in ids},
-                "pretrain": prep.pretrained, "prepare_s": prep.seconds, "recipe": recipe}
+                "pretrain": prep.pretrained, "prepare_s": prep.seconds, "recipe": recipe,
+                "backbone_options": head}
     earlier = {"runs": [], "commands": [], "wall_s": []}
     result = (args.results or RESULTS) / "variance.json"
     if args.resume and result.is_file():

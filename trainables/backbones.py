@@ -85,12 +85,17 @@ class BackboneConfig:
             ``width_step``: SwinUNETR's 12).
         in_channels: image channels (1 for T1).
         dropout: dropout before the classification head.
+        cls_reads_seg: the classification head also reads the model's own segmentation: a binary target whose
+            regions name their segments adds, per region, a learned multiple of the log-odds of that segment's
+            most confident voxel in the region (:meth:`PooledHead.seg_evidence`; the segmentation detached, so
+            the classification loss does not train it).
     """
 
     name: str = "segresnet"
     width: int = 16
     in_channels: int = 1
     dropout: float = 0.0
+    cls_reads_seg: bool = False
 
     def __post_init__(self) -> None:
         BACKBONES.get(self.name)  # clear error listing valid names
@@ -98,23 +103,31 @@ class BackboneConfig:
             raise StudyInputError(f"backbone width must be an integer >= 4, got {self.width!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise StudyInputError(f"backbone dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.cls_reads_seg, bool):
+            raise StudyInputError(f"backbone cls_reads_seg must be true or false, got {self.cls_reads_seg!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# BackboneConfig fields that shape only the task heads: a pre-training checkpoint (the body) does not depend on them
+HEAD_ONLY_FIELDS = ("dropout", "cls_reads_seg")
+
+
 class PooledHead(nn.Module):
-    """One classification target's logits from bottleneck features.
+    """One classification target's logits from bottleneck features (and, optionally, the segmentation).
 
     The bottleneck is average-pooled over the whole volume (one region) or over each half along the
     target's axis (two regions: the PCS hemispheres along RAS axis 0), and one shared MLP (``hidden_layers``,
     0 = linear) maps each region's pooled features to the target's logits (1 for a binary target, K for K
-    classes). Sharing the weights between regions doubles the examples the head sees. Output ``(B, regions x
-    logits)``, region-major.
+    classes). Sharing the weights between regions doubles the examples the head sees. With ``seg_channels``
+    (a binary target, one segmentation channel per region) the head adds ``seg_weight`` (learned, from 1) times
+    :meth:`seg_evidence`: the presence of a structure read from its own segmentation. Output
+    ``(B, regions x logits)``, region-major.
     """
 
     def __init__(self, channels: int, target: Target, hidden_layers: int = 0, hidden: int = 64,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, seg_channels: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.halves = target.pooling == "halves"
         self.axis = target.axis
@@ -125,17 +138,37 @@ class PooledHead(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, target.logits_per_region))
         self.mlp = nn.Sequential(*layers)
+        self.seg_channels = tuple(seg_channels) if seg_channels else None
+        if self.seg_channels is not None:
+            if target.logits_per_region != 1 or len(self.seg_channels) != len(target.regions):
+                raise StudyInputError(f"target {target.name!r}: reading the segmentation needs a binary target with "
+                                      "one segment per region")
+            self.seg_weight = nn.Parameter(torch.ones(1))
 
-    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        if self.halves:
-            d = bottleneck.shape[2 + self.axis]
-            half = max(d // 2, 1)
-            low = bottleneck.narrow(2 + self.axis, 0, half).mean(dim=(2, 3, 4))
-            high = bottleneck.narrow(2 + self.axis, d - half, half).mean(dim=(2, 3, 4))
-            pooled = torch.stack([low, high], dim=1)  # (B, 2, C)
-        else:
-            pooled = bottleneck.mean(dim=(2, 3, 4))[:, None]  # (B, 1, C)
-        return self.mlp(pooled).flatten(1)
+    def regions(self, volume: torch.Tensor) -> list[torch.Tensor]:
+        """``volume`` ``(B, C, D, H, W)`` cut into the target's regions: the low and high half along the axis
+        (two regions), or the whole volume."""
+        if not self.halves:
+            return [volume]
+        d = volume.shape[2 + self.axis]
+        half = max(d // 2, 1)
+        return [volume.narrow(2 + self.axis, 0, half), volume.narrow(2 + self.axis, d - half, half)]
+
+    def seg_evidence(self, seg: torch.Tensor) -> torch.Tensor:
+        """``(B, regions)``: the log-odds of the most confident voxel of each region's segment in that region
+        (a voxel is labelled where its class is the most probable, so the structure is there when this is
+        high; near 0 for an untrained segmentation)."""
+        prob = torch.softmax(seg.detach().float(), dim=1)
+        parts = self.regions(prob)
+        peaks = [part[:, channel].flatten(1).amax(1) for part, channel in zip(parts, self.seg_channels, strict=True)]
+        return torch.logit(torch.stack(peaks, dim=1), eps=1e-4)
+
+    def forward(self, bottleneck: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = torch.stack([part.mean(dim=(2, 3, 4)) for part in self.regions(bottleneck)], dim=1)  # (B, R, C)
+        logits = self.mlp(pooled)
+        if self.seg_channels is not None and seg is not None:
+            logits = logits + self.seg_weight * self.seg_evidence(seg).to(logits.dtype)[..., None]
+        return logits.flatten(1)
 
 
 class TargetHeads(nn.Module):
@@ -145,16 +178,23 @@ class TargetHeads(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict(heads)
 
-    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
+    def forward(self, bottleneck: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
         if not self.heads:  # a segmentation-only task
             return bottleneck.new_zeros(bottleneck.shape[0], 0)
-        return torch.cat([h(bottleneck) for h in self.heads.values()], dim=1)
+        return torch.cat([h(bottleneck, seg) for h in self.heads.values()], dim=1)
 
 
 def classification_head(channels: int, task: TaskSpec, hidden_layers: int = 0, hidden: int = 64,
-                        dropout: float = 0.0) -> nn.Module:
-    """The task's classification head: a :class:`PooledHead` for one target, else :class:`TargetHeads`."""
-    heads = {t.name: PooledHead(channels, t, hidden_layers, hidden, dropout) for t in task.targets}
+                        dropout: float = 0.0, reads_seg: bool = False) -> nn.Module:
+    """The task's classification head: a :class:`PooledHead` for one target, else :class:`TargetHeads`.
+    ``reads_seg``: a binary target whose regions name their segments also reads the segmentation."""
+
+    def seg_channels(t: Target) -> tuple[int, ...] | None:
+        if not (reads_seg and t.binary and t.segments):
+            return None
+        return tuple(task.channel_of(s) for s in t.segments)
+
+    heads = {t.name: PooledHead(channels, t, hidden_layers, hidden, dropout, seg_channels(t)) for t in task.targets}
     if len(heads) == 1:
         return next(iter(heads.values()))
     return TargetHeads(heads)
@@ -197,7 +237,7 @@ class MultiTaskNet(nn.Module):
     def rebuild_cls_head(self, hidden_layers: int = 0, hidden: int = 64) -> None:
         """A new classification head for the task on the bottleneck (``hidden_layers`` > 0: an MLP)."""
         self.cls_head = classification_head(self.stage_channels[self.cls_stage], self.task, hidden_layers, hidden,
-                                            self.config.dropout)
+                                            self.config.dropout, self.config.cls_reads_seg)
 
     # -- forward pieces ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -222,7 +262,8 @@ class MultiTaskNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(x)
         dec = self.decode(x, feats)
-        return {"seg": self.seg_head(dec), "cls": self.cls_head(feats[self.cls_stage])}
+        seg = self.seg_head(dec)
+        return {"seg": seg, "cls": self.cls_head(feats[self.cls_stage], seg)}
 
     # -- named parts ------------------------------------------------------------------------------
     def blocks(self) -> list[tuple[str, nn.Module]]:
@@ -426,7 +467,8 @@ class SwinUNETRMultiTask(MultiTaskNet):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(x)
         dec = self.decode(x, feats)
-        return {"seg": self.seg_head(dec), "cls": self.cls_head(_layer_norm_channels(feats[self.cls_stage]))}
+        seg = self.seg_head(dec)
+        return {"seg": seg, "cls": self.cls_head(_layer_norm_channels(feats[self.cls_stage]), seg)}
 
 
 def build_backbone(cfg: BackboneConfig, task: TaskSpec | None = None) -> MultiTaskNet:

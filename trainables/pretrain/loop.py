@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from trainables.atomic import atomic_write
-from trainables.backbones import BackboneConfig, build_backbone
+from trainables.backbones import HEAD_ONLY_FIELDS, BackboneConfig, build_backbone
 from trainables.engine import (
     NonFiniteLossError,
     PeakMemory,
@@ -210,10 +210,10 @@ def pretrain_key(backbone_cfg: BackboneConfig, cfg: PretrainConfig, data_id: str
     """Short sha256 of everything that determines the checkpoint (not the device).
 
     The method's parameters are filled with their defaults first, so ``{}`` and explicit defaults hash
-    alike. The backbone's ``dropout`` (classification head only) is left out; so are the training
+    alike. The backbone's head-only fields (``HEAD_ONLY_FIELDS``) are left out; so are the training
     fields and ``data_id`` for a method that does not train (``none``).
     """
-    backbone = {k: v for k, v in backbone_cfg.to_dict().items() if k != "dropout"}
+    backbone = {k: v for k, v in backbone_cfg.to_dict().items() if k not in HEAD_ONLY_FIELDS}
     pre = {k: v for k, v in cfg.to_dict().items() if k != "device"}
     pre["method_params"] = asdict(method_config(cfg.method, cfg.method_params))
     payload = {"backbone": backbone, "pretrain": pre, "data_id": data_id, "code_version": CODE_VERSION}
