@@ -3,7 +3,7 @@ and where the movement comes from (issue 27, item 1).
 
 Each cell (default: none x full, reconstruction x full, none x top, none x lora on SegResNet) runs the
 fine-tuning trial its search starts with in a study: the config the launcher builds
-(``study.launch.TrialFactory.finetune``) with the training defaults (``search_spaces.finetune.TRAIN_DEFAULTS``)
+(``study.launch.TrialFactory.finetune``) with its strategy's starting point (``search_spaces.finetune.first_trial``)
 and the strategy parameters the cell's Optuna study draws for that first trial (the searcher's sampler, seed and
 enqueued defaults), at the budget's input size, width, epochs, batch size and cohort (``study.plan.grid.BUDGETS``;
 the data prepared by ``study.launch.prepare_data``). Every run goes through the real trial code
@@ -86,31 +86,34 @@ def first_trial_params(plan, cell) -> tuple[dict, dict]:
     cell, the training defaults enqueued, the strategy's own space sampled."""
     import optuna
 
-    from search_spaces.finetune import TRAIN_DEFAULTS, train_space
+    from search_spaces.finetune import first_trial, train_space
     from trainables.finetune import STRATEGIES
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cell_seed = (plan.seed * 1_000_003 + zlib.crc32(cell.id.encode())) % 2**31
     sampler = optuna.samplers.TPESampler(seed=cell_seed, n_startup_trials=max(2, plan.num_samples // 3))
     study = optuna.create_study(sampler=sampler, direction="maximize")
-    study.enqueue_trial(TRAIN_DEFAULTS, skip_if_exists=True)
+    study.enqueue_trial(first_trial(cell.strategy), skip_if_exists=True)
     trial = study.ask()
-    return train_space(trial), STRATEGIES.get(cell.strategy).space(trial)
+    return train_space(trial, cell.strategy), STRATEGIES.get(cell.strategy).space(trial)
 
 
 def cell_params(plan, cells: list, work: Path) -> dict[str, tuple[dict, dict]]:
     """Each cell's first-trial parameters, cached in ``work/first_trials.json`` (Optuna only when missing)."""
+    from trainables.finetune import STRATEGIES
+
     path = work / FIRST_TRIALS
     saved = json.loads(path.read_text()) if path.is_file() else {}
+    # the key names the strategy's starting rate: a measured new lr_start draws the first trial anew
+    keys = {cell.id: f"{cell.id}@seed{plan.seed}@lr{STRATEGIES.get(cell.strategy).lr_start:g}" for cell in cells}
     changed = False
     for cell in cells:
-        key = f"{cell.id}@seed{plan.seed}"
-        if key not in saved:
-            saved[key] = list(first_trial_params(plan, cell))
+        if keys[cell.id] not in saved:
+            saved[keys[cell.id]] = list(first_trial_params(plan, cell))
             changed = True
     if changed:
         path.write_text(json.dumps(saved, indent=2))
-    return {cell.id: tuple(saved[f"{cell.id}@seed{plan.seed}"]) for cell in cells}
+    return {cell.id: tuple(saved[keys[cell.id]]) for cell in cells}
 
 
 def study_data(plan, work: Path) -> tuple[dict, str]:
@@ -233,6 +236,7 @@ def run_one(task: dict) -> dict:
         history.append(metrics)
 
     run = {k: task[k] for k in ("cell", "init_seed", "data_seed", "replicate")}
+    run.update(task.get("tags", {}))  # what another bench varies besides the seed (bench.starting_points: lr)
     start = time.perf_counter()
     try:
         with init_from(task["init_seed"] if task["init_seed"] != task["data_seed"] else None):
@@ -415,6 +419,13 @@ def parse_head(text: str) -> dict:
     return out
 
 
+def effective_head(tasks: list[dict]) -> dict:
+    """The head-only backbone fields the runs used (explicit or default), from their trial configs."""
+    from trainables.backbones import HEAD_ONLY_FIELDS
+
+    return {f: tasks[0]["config"]["backbone"][f] for f in HEAD_ONLY_FIELDS} if tasks else {}
+
+
 def parse_cells(text: str) -> list[tuple[str, str]]:
     cells = []
     for item in (c.strip() for c in text.split(",") if c.strip()):
@@ -554,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pretrain_epochs": plan.pretrain_epochs, "batch_size": plan.batch_size, "splits": plan.splits,
                 "cells": {c: {"train": prep.params[c][0], "strategy_params": prep.params[c][1]} for c in ids},
                 "pretrain": prep.pretrained, "prepare_s": prep.seconds, "recipe": recipe,
-                "backbone_options": head}
+                "backbone_options": head, "head": effective_head(tasks)}
     earlier = {"runs": [], "commands": [], "wall_s": []}
     result = (args.results or RESULTS) / "variance.json"
     if args.resume and result.is_file():

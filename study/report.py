@@ -447,14 +447,19 @@ def summary(study: Study) -> dict:
                 "indistinguishable_from_best": stat.indistinguishable_from_best,
                 "vs_best": _listed(stat.vs_best), "vs_reference": {k: _listed(v) for k, v in stat.vs_reference.items()}}
     from study.evidence.inference import MARGIN
-    from study.evidence.verdict import claims, label_verdict, verdict
+    from study.evidence.verdict import claims, label_verdict, learning, learning_line, verdict
 
     evidence = study.evidence or {}
     ranks = (evidence.get("ranks") or {}).get("cells", {})
+    learned = learning(study.cells)
     for entry in cells:
         if entry["cell"] in ranks:
             entry["rank"] = ranks[entry["cell"]]
-    text = verdict(comparison, evidence) + label_verdict(study.cells, comparison)
+        if entry["cell"] in learned:
+            entry["learned"] = learned[entry["cell"]]["learned"]
+            entry["chance_score"] = learned[entry["cell"]]["chance"]
+    idle = learning_line(learned)
+    text = verdict(comparison, evidence) + ([idle] if idle else []) + label_verdict(study.cells, comparison)
     return {"study": study.experiment, "folder": str(study.folder), "parent_run_id": study.parent_run_id,
             "tracking_uri": study.tracking_uri,
             "verdict": {"text": text, "best": (evidence.get("selection") or {}).get("best") or comparison.best,
@@ -469,7 +474,8 @@ def summary(study: Study) -> dict:
                         "too_small_to_separate": comparison.too_small(),
                         "between_run_sd": comparison.between_run_sd,
                         "typical_ci_half_width": comparison.typical_half_width(),
-                        "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing},
+                        "spread_of_cells": comparison.spread(), "cells_without_cases": comparison.missing,
+                        "did_not_learn": sorted(k for k, v in learned.items() if v["learned"] is False)},
             "selection": evidence.get("selection"), "confirmation": evidence.get("confirmation"),
             "kendall_tau": (evidence.get("ranks") or {}).get("kendall_tau"),
             "variance_components": evidence.get("variance_components"),

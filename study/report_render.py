@@ -108,7 +108,8 @@ def _ranking(data: dict) -> tuple[list[str], list[list[str]]]:
         rank_text = f"{rank['rank']} [{rank['ci'][0]}, {rank['ci'][1]}]" if rank else "–"
         mean = selection["means"].get(c["cell"])
         val = f"{mean:.3f} ({selection['runs'].get(c['cell'], 0)})" if _is_number(mean) else "–"
-        rows.append([c["cell"], rank_text, val, _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
+        name = c["cell"] + (" (did not learn)" if c.get("learned") is False else "")
+        rows.append([name, rank_text, val, _ci_text(st, "score"), _ci_text(st, "dice"), _ci_text(st, "auc"),
                      delta])
     return head, rows
 

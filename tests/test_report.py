@@ -301,6 +301,30 @@ def test_report_leads_with_the_verdict_and_carries_intervals_for_every_cell(stud
     assert md.index("## Verdict") < md.index("## Ranking") < md.index("## The source study's findings, tested")
 
 
+def test_cells_that_did_not_learn_are_named_apart_from_worse_ones(study) -> None:
+    """Every finished cell says whether it learned within the budget: its mean validation score over its runs
+    (read back from MLflow here) against the chance score its best run logged plus LEARN_MARGIN; the verdict
+    lists the cells that did not, and the ranking marks them."""
+    from study.evidence.verdict import LEARN_MARGIN
+
+    data, client = study["data"], study["client"]
+    finished = [c for c in data["cells"] if c["best_run_id"]]
+    expected = {}
+    for c in finished:
+        runs = [client.get_run(r) for r in [c["best_run_id"], *c["seed_run_ids"]]]
+        mean = statistics.fmean(r.data.metrics["score"] for r in runs)
+        chance = runs[0].data.metrics["val_chance_score"]
+        assert 0.0 <= chance <= 1.0 and c["chance_score"] == pytest.approx(chance)
+        expected[c["cell"]] = mean >= chance + LEARN_MARGIN
+        assert c["learned"] is expected[c["cell"]]
+    idle = sorted(k for k, v in expected.items() if not v)
+    assert data["verdict"]["did_not_learn"] == idle
+    lines = [t for t in data["verdict"]["text"] if "did not learn within the budget" in t]
+    assert len(lines) == (1 if idle else 0) and all(cell in lines[0] for cell in idle)
+    md = (study["report"] / "report.md").read_text()
+    assert md.count("(did not learn)") == len(idle)
+
+
 def test_terminal_shows_the_live_table_once_and_none_of_rays_console_output(study) -> None:
     """The screen of the study run in a terminal: the study's live table drawn once, counts that add up, an
     ETA that is a duration; Ray's and Tune's own console output is in study.log, not on the screen."""

@@ -39,7 +39,12 @@ def test_json_has_every_cell_seed_and_run(tiny_run) -> None:
     assert len(runs) == len(CELLS) * 3
     assert {(r["init_seed"], r["data_seed"]) for r in runs} == {(70001, 70001), (70002, 70002), (70002, 70001)}
     assert all(len(r["epochs"]) == doc["settings"]["finetune_epochs"] == 2 for r in runs)
-    assert doc["settings"]["cells"]["none__full__segresnet"]["train"]["lr_encoder"] == 1e-3  # TRAIN_DEFAULTS
+    # the first search trial of the cell: every rate at the strategy's starting point
+    from trainables.finetune import STRATEGIES
+
+    for cell in CELLS:
+        start = STRATEGIES.get(cell.split("__")[1]).lr_start
+        assert doc["settings"]["cells"][cell]["train"]["lr_encoder"] == start
     assert "reconstruction__segresnet" in doc["settings"]["pretrain"]  # pre-trained once, for every seed
 
 
@@ -92,3 +97,54 @@ def test_resume_keeps_the_runs_and_runs_none_again(tiny_run) -> None:
     assert again["runs"] == doc["runs"] and again["rows"] == doc["rows"]
     assert again["commands"] == [doc["command"], doc["command"] + " --resume"]
     assert again["machines"] == doc["machines"] and len(again["machines"]) == 1
+
+
+def test_the_recipe_bench_reads_each_lever_from_its_runs(tiny_run, tmp_path) -> None:
+    """bench.recipe: a lever's rows are the spreads of its own runs (recomputed here), its recipe reached every
+    run's config, and a finished lever is reused, not run again."""
+    from bench import recipe
+
+    _, argv = tiny_run
+    work = argv[argv.index("--work") + 1]
+    args = ["--seeds", "2", "--workers", "1", "--tiny", "--work", work, "--folder", str(tmp_path / "levers"),
+            "--results", str(tmp_path), "--lever", "baseline=", "--lever", "clipped=grad_clip_norm=0.5|cls_reads_seg=false"]
+    assert recipe.main(args) == 0
+    doc = json.loads((tmp_path / "recipe.json").read_text())
+    assert [(r["lever"], r["cell"]) for r in doc["rows"]] == [(lever, c) for lever in ("baseline", "clipped")
+                                                              for c in CELLS]
+    for row in doc["rows"]:
+        runs = json.loads((tmp_path / "levers" / row["lever"] / "variance.json").read_text())["runs"]
+        mine = [r for r in runs if r["cell"] == row["cell"]]
+        assert row["runs"] == len(mine) == 2
+        assert row["score_sd"] == pytest.approx(statistics.stdev(r["test_score"] for r in mine))
+        assert row["score_dice_auc_mean"] == pytest.approx(statistics.fmean(
+            0.5 * r["test_dice"] + 0.5 * r["test_auc"] for r in mine))
+    clipped = [r for r in doc["rows"] if r["lever"] == "clipped"][0]
+    assert clipped["recipe"] == {"grad_clip_norm": 0.5} and clipped["backbone_options"] == {"cls_reads_seg": False}
+    before = (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns
+    assert recipe.main([*args, "--reuse"]) == 0
+    assert (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns == before
+
+
+def test_the_starting_point_is_the_rate_best_on_validation(tiny_run, tmp_path) -> None:
+    """bench.starting_points: every (strategy, rate, seed) ran, the chosen rate is the one with the best mean
+    validation score (recomputed here; the test score plays no part), and the chance score is that of the
+    validation labels."""
+    from bench import starting_points
+
+    _, argv = tiny_run
+    work = argv[argv.index("--work") + 1]
+    assert starting_points.main(["--tiny", "--seeds", "2", "--lrs", "1e-3,1e-2", "--strategies", "full,linear",
+                                 "--work", work, "--results", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "starting_points.json").read_text())
+    runs = doc["runs"]
+    assert sorted((r["strategy"], r["lr"]) for r in runs) == sorted(
+        (s, lr) for s in ("full", "linear") for lr in (1e-3, 1e-2) for _ in range(2))
+    for row in doc["rows"]:
+        means = {lr: statistics.fmean(r["val_score_best"] for r in runs if r["strategy"] == row["strategy"]
+                                      and r["lr"] == lr) for lr in (1e-3, 1e-2)}
+        assert row["lr_start"] == max(means, key=means.get)
+        assert row["learns"] == (means[row["lr_start"]] >= doc["settings"]["chance_val_score"] + 0.05)
+    assert 0.0 < doc["settings"]["chance_val_score"] < 1.0
+    with pytest.raises(SystemExit, match="teacher"):
+        starting_points.main(["--tiny", "--strategies", "distill", "--work", work, "--results", str(tmp_path)])

@@ -95,7 +95,7 @@ class BackboneConfig:
     width: int = 16
     in_channels: int = 1
     dropout: float = 0.0
-    cls_reads_seg: bool = False
+    cls_reads_seg: bool = True
 
     def __post_init__(self) -> None:
         BACKBONES.get(self.name)  # clear error listing valid names
@@ -108,6 +108,12 @@ class BackboneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> BackboneConfig:
+        """A config written by an earlier version (a saved model, a resumed study's trial): a field it lacks means
+        what that version built (its classification head did not read the segmentation)."""
+        return cls(**{"cls_reads_seg": False, **d})
 
 
 # BackboneConfig fields that shape only the task heads: a pre-training checkpoint (the body) does not depend on them

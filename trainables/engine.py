@@ -10,6 +10,7 @@ import math
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from trainables.backbones import MultiTaskNet, count_parameters
 from trainables.errors import StudyInputError
-from trainables.metrics import per_case_rows, task_metrics
+from trainables.metrics import chance_score, per_case_rows, task_metrics
 from trainables.task import TaskSpec, as_task
 
 
@@ -476,7 +477,9 @@ def fit(
     to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
     continues after its epoch. After the last epoch the model is given the weights of its epoch with the
     best validation score (``best_epoch``; the last report's ``score`` is that epoch's); the last report carries
-    that epoch's per-case validation rows (``val_cases``), then the test split (if given) is evaluated once:
+    that epoch's per-case validation rows (``val_cases``) and ``val_chance_score`` (the validation score of a
+    model that learned nothing: :func:`trainables.metrics.chance_score`), then the test split (if given) is
+    evaluated once:
     ``test_*`` metrics and ``test_cases``, one row per subject, target and region. ``task`` (default: the PCS task) defines the loss, the metrics and the score. ``schedule``: a
     staged strategy's phases (:class:`Schedule`); the model arrives with its second phase's parameters
     trainable, each epoch then trains its phase's, and the time, the memory and the trainable count are
@@ -523,7 +526,9 @@ def fit(
             scheduler.load_state_dict(resume["scheduler"])
         else:  # a checkpoint written before the schedule was saved: the step it stopped at
             scheduler.last_epoch = (first_epoch - 1) * steps_per_epoch - 1
-            scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": the optimiser stepped
+                warnings.simplefilter("ignore", UserWarning)  # in the run that wrote the checkpoint
+                scheduler.step()
         if averaged is not None and resume.get("averaged") is not None:
             averaged.module.load_state_dict(resume["averaged"]["state"], strict=False)
             averaged.n_averaged.fill_(int(resume["averaged"]["n"]))
@@ -599,7 +604,10 @@ def fit(
             if epoch == cfg.epochs:
                 row["best_epoch"] = best["epoch"]
             if epoch == cfg.epochs:  # the kept epoch's per-case validation rows: what selection reads
-                row["val_cases"] = evaluate_cases(model, val_loader, device, spacing_mm, task)[1]
+                predicted = predict(model, val_loader, device)
+                row["val_cases"] = per_case_rows(predicted["subject_id"], predicted["seg"], predicted["label"],
+                                                 predicted["cls"], predicted["target"], spacing_mm, task)
+                row["val_chance_score"] = chance_score(predicted["label"], predicted["target"], spacing_mm, task)
             if epoch == cfg.epochs and test_loader is not None:  # the last report carries the test results
                 test, cases = evaluate_cases(model, test_loader, device, spacing_mm, task)
                 row.update({f"test_{k}": v for k, v in test.items()})

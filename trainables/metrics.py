@@ -103,6 +103,16 @@ def task_metrics(seg_logits: torch.Tensor, labels: torch.Tensor, cls_logits: tor
     return metrics
 
 
+def chance_score(labels: torch.Tensor, truth: torch.Tensor, spacing_mm: float, task: TaskSpec | None = None) -> float:
+    """The score of a model that learned nothing, on these labels: it segments nothing (background everywhere)
+    and gives every class the same probability. A run whose validation score is not above it did not learn."""
+    task = as_task(task)
+    seg = torch.zeros(labels.shape[0], task.seg_channels, *labels.shape[2:])
+    seg[:, 0] = 1.0
+    cls = torch.zeros(labels.shape[0], task.n_logits)
+    return float(task_metrics(seg, labels, cls, truth, spacing_mm, task)["score"])
+
+
 def per_case_rows(subject_ids: list[str], seg_logits: torch.Tensor, labels: torch.Tensor, cls_logits: torch.Tensor,
                   truth: torch.Tensor, spacing_mm: float, task: TaskSpec | None = None) -> list[dict]:
     """One row per (subject, target, region): ``target``, ``region``, ``dice`` (the region's segmentation class,

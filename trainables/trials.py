@@ -82,7 +82,7 @@ class PretrainTrial:
     @classmethod
     def from_dict(cls, d: dict) -> PretrainTrial:
         return cls(
-            backbone=BackboneConfig(**d["backbone"]),
+            backbone=BackboneConfig.from_saved(d["backbone"]),
             pretrain=PretrainConfig(**d["pretrain"]),
             data=_data_config(d["data"]),
             cache_dir=d["cache_dir"],
@@ -132,7 +132,7 @@ class FinetuneTrial:
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneTrial:
         return cls(
-            backbone=BackboneConfig(**d["backbone"]),
+            backbone=BackboneConfig.from_saved(d["backbone"]),
             strategy=d["strategy"],
             strategy_params=dict(d.get("strategy_params") or {}),
             train=TrainConfig(**d["train"]),

@@ -83,7 +83,7 @@ def methods() -> str:
 
 
 def strategies() -> str:
-    from search_spaces.finetune import TRAIN_DEFAULTS, train_space
+    from search_spaces.finetune import TRAIN_DEFAULTS, lr_ranges, train_space
     from trainables.engine import TrainConfig
     from trainables.finetune import STRATEGIES
 
@@ -107,6 +107,10 @@ def strategies() -> str:
         ) if flag]
         if flags:
             out.append("- " + "\n- ".join(flags) + "\n")
+        body, heads = lr_ranges(name)["lr_encoder"], lr_ranges(name)["lr_heads"]
+        out.append(f"Its search starts with every learning rate at `{s.lr_start:g}` (`lr_start`, from "
+                   f"`bench/starting_points.py`) and searches the body's rates in [{body[0]:.3g}, {body[1]:.3g}], the "
+                   f"heads' in [{heads[0]:.3g}, {heads[1]:.3g}] (log scale).\n")
         rows = field_rows(s.config_cls)
         out.append(table(["field", "type", "default", "meaning"], rows) if rows
                    else "No hyperparameters of its own.\n")
@@ -114,9 +118,11 @@ def strategies() -> str:
         if space:
             out.append("Search space:\n\n" + table(["Optuna parameter", "distribution", "sets field"], space))
     out.append("### The training loop's space (every strategy)\n")
-    out.append(prose(first_paragraph(train_space.__doc__)) + " The first trial of every searched cell uses "
+    out.append(prose(first_paragraph(train_space.__doc__)) + " The first trial of every searched cell sets every "
+               "learning rate to its strategy's `lr_start` (above) and the rest from "
                "`search_spaces.finetune.TRAIN_DEFAULTS`: "
-               + ", ".join(f"`{k}={v:g}`" for k, v in TRAIN_DEFAULTS.items()) + ".\n")
+               + ", ".join(f"`{k}={v:g}`" for k, v in TRAIN_DEFAULTS.items() if not k.startswith("lr_")) + ". "
+               "The ranges below are those of a strategy that starts at 1e-3.\n")
     out.append(table(["Optuna parameter", "distribution", "sets field"], space_rows(train_space, "", TrainConfig)))
     out.append("Every field of the training config (`trainables.engine.TrainConfig`), which a grid file's "
                "`params.train` may fix:\n")

@@ -26,6 +26,38 @@ from study.evidence.inference import (
 from study.evidence.stats import Comparison
 
 NOT_TESTED = "not tested"
+# a cell whose mean validation score is not above the chance score (trainables.metrics.chance_score) by this much
+# did not learn within the budget: its place in the ranking says nothing about its strategy
+LEARN_MARGIN = 0.05
+
+
+def learning(cells: list) -> dict[str, dict]:
+    """Per cell with runs: its mean validation score over its runs (``score``), the validation split's chance
+    score (logged by every run since it was added, else None) and ``learned``: True, False, or None where the
+    chance score is unknown."""
+    out = {}
+    for cell in cells:
+        if cell.best is None:
+            continue
+        mean = cell.stat("score")[0]
+        chance = cell.best.data.metrics.get("val_chance_score")
+        learned = None if chance is None or not math.isfinite(mean) else bool(mean >= chance + LEARN_MARGIN)
+        out[cell.id] = {"val_score": mean, "chance": chance, "learned": learned}
+    return out
+
+
+def learning_line(status: dict[str, dict]) -> str | None:
+    """The verdict's line on the cells that did not learn within the budget (None when every cell learned)."""
+    known = {k: v for k, v in status.items() if v["learned"] is not None}
+    idle = sorted(k for k, v in known.items() if not v["learned"])
+    if not idle:
+        return None
+    chance = statistics.fmean(v["chance"] for v in known.values())
+    return (f"{len(idle)} of {len(known)} cells did not learn within the budget (mean validation score below "
+            f"{chance:.3f} + {LEARN_MARGIN:g}, where {chance:.3f} is what a model that learned nothing scores: an "
+            f"empty segmentation and a constant presence probability): " + ", ".join(idle[:12])
+            + ("…" if len(idle) > 12 else "") + ". Their rank says nothing about their strategy: they are not "
+            "'worse than the reference', they are untested at this budget.")
 
 
 def _ci(ci: tuple[float, float]) -> str:

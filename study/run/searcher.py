@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
-from search_spaces.finetune import TRAIN_DEFAULTS, train_space
+from search_spaces.finetune import first_trial, train_space
 from study.evidence.racing import Race
 from study.plan.grid import Cell, StudyPlan, pretrain_id
 from study.run.tracking import split_rows
@@ -49,7 +49,7 @@ def optuna_storage(url: str | None, output: str | Path) -> optuna.storages.BaseS
 
 def sample_finetune_params(trial: optuna.Trial, strategy: str) -> tuple[dict, dict]:
     """(train params, strategy params) for one trial: the shared training space + the strategy's space."""
-    train = train_space(trial)
+    train = train_space(trial, strategy)
     params = STRATEGIES.get(strategy).space(trial)
     clash = set(train) & set(params)
     if clash:
@@ -148,8 +148,8 @@ class StudySearcher(Searcher):
                 study_name=f"{self.study_name}/{cell_id}", storage=self._storage, sampler=sampler,
                 direction="maximize", load_if_exists=True,
             )
-            if not study.trials:  # a new study starts from the training defaults (not on --resume)
-                study.enqueue_trial(TRAIN_DEFAULTS, skip_if_exists=True)
+            if not study.trials:  # a new study starts from its strategy's starting point (not on --resume)
+                study.enqueue_trial(first_trial(self.cells[cell_id].strategy), skip_if_exists=True)
             self._studies[cell_id] = study
         return self._studies[cell_id]
 

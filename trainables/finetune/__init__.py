@@ -45,6 +45,9 @@ class Strategy:
     from_scratch: bool = False  # builds its own network: pre-training does not reach it (crossed with `none` only)
     # (backbone, width, the cell's fixed strategy params) -> why the strategy cannot run there, or None
     unfit: Callable[[str, int, dict], str | None] | None = None
+    # the learning rate of every part in the cell's first search trial, measured per strategy at the laptop
+    # budget (bench/starting_points.py); the searched ranges are centred on it (search_spaces.finetune)
+    lr_start: float = 1e-3
 
     def why_unfit(self, backbone: str, width: int, params: dict | None = None) -> str | None:
         """Why this strategy cannot run on ``backbone`` at ``width`` (None: it can)."""
@@ -73,14 +76,18 @@ def no_own_hyperparameters(trial: Any) -> dict:
 
 def register_strategy(name: str, config_cls: type, space: Callable[[Any], dict] = no_own_hyperparameters, *,
                       schedule: Callable[[nn.Module, Any, int], Any] | None = None, needs_teacher: bool = False,
-                      from_scratch: bool = False, unfit: Callable[[str, int, dict], str | None] | None = None) -> Callable:
+                      from_scratch: bool = False, unfit: Callable[[str, int, dict], str | None] | None = None,
+                      lr_start: float = 1e-3) -> Callable:
     """Decorator for an ``apply(model, cfg)`` function: registers it with its config class and search space
     (and, for a staged strategy, its ``schedule``; for distillation, ``needs_teacher``; for a network built
-    from scratch, ``from_scratch``; for one that cannot run on every backbone and width, ``unfit``)."""
+    from scratch, ``from_scratch``; for one that cannot run on every backbone and width, ``unfit``; where its
+    search of the learning rates starts, ``lr_start``, measured by ``bench/starting_points.py``)."""
+    if not (isinstance(lr_start, float) and 0 < lr_start < 1):
+        raise StudyInputError(f"strategy {name!r}: lr_start must be a float in (0, 1), got {lr_start!r}")
 
     def deco(apply: Callable) -> Callable:
         STRATEGIES.register(name)(Strategy(name, config_cls, apply, space, schedule, needs_teacher, from_scratch,
-                                           unfit))
+                                           unfit, lr_start))
         return apply
 
     return deco
