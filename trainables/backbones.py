@@ -89,6 +89,8 @@ class BackboneConfig:
             regions name their segments adds, per region, a learned multiple of the log-odds of that segment's
             most confident voxel in the region (:meth:`PooledHead.seg_evidence`; the segmentation detached, so
             the classification loss does not train it).
+        cls_trains_body: the classification loss trains the body through the head's pooled features; false: the
+            head reads the body's features as they are (detached), and only the segmentation loss trains the body.
     """
 
     name: str = "segresnet"
@@ -96,6 +98,7 @@ class BackboneConfig:
     in_channels: int = 1
     dropout: float = 0.0
     cls_reads_seg: bool = True
+    cls_trains_body: bool = True
 
     def __post_init__(self) -> None:
         BACKBONES.get(self.name)  # clear error listing valid names
@@ -103,8 +106,9 @@ class BackboneConfig:
             raise StudyInputError(f"backbone width must be an integer >= 4, got {self.width!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise StudyInputError(f"backbone dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.cls_reads_seg, bool):
-            raise StudyInputError(f"backbone cls_reads_seg must be true or false, got {self.cls_reads_seg!r}")
+        for name in ("cls_reads_seg", "cls_trains_body"):
+            if not isinstance(getattr(self, name), bool):
+                raise StudyInputError(f"backbone {name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,12 +116,12 @@ class BackboneConfig:
     @classmethod
     def from_saved(cls, d: dict) -> BackboneConfig:
         """A config written by an earlier version (a saved model, a resumed study's trial): a field it lacks means
-        what that version built (its classification head did not read the segmentation)."""
-        return cls(**{"cls_reads_seg": False, **d})
+        what that version built (its classification head did not read the segmentation, and trained the body)."""
+        return cls(**{"cls_reads_seg": False, "cls_trains_body": True, **d})
 
 
 # BackboneConfig fields that shape only the task heads: a pre-training checkpoint (the body) does not depend on them
-HEAD_ONLY_FIELDS = ("dropout", "cls_reads_seg")
+HEAD_ONLY_FIELDS = ("dropout", "cls_reads_seg", "cls_trains_body")
 
 
 class PooledHead(nn.Module):
@@ -133,8 +137,9 @@ class PooledHead(nn.Module):
     """
 
     def __init__(self, channels: int, target: Target, hidden_layers: int = 0, hidden: int = 64,
-                 dropout: float = 0.0, seg_channels: tuple[int, ...] | None = None) -> None:
+                 dropout: float = 0.0, seg_channels: tuple[int, ...] | None = None, trains_body: bool = True) -> None:
         super().__init__()
+        self.trains_body = trains_body
         self.halves = target.pooling == "halves"
         self.axis = target.axis
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout else []
@@ -170,6 +175,8 @@ class PooledHead(nn.Module):
         return torch.logit(torch.stack(peaks, dim=1), eps=1e-4)
 
     def forward(self, bottleneck: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.trains_body:
+            bottleneck = bottleneck.detach()
         pooled = torch.stack([part.mean(dim=(2, 3, 4)) for part in self.regions(bottleneck)], dim=1)  # (B, R, C)
         logits = self.mlp(pooled)
         if self.seg_channels is not None and seg is not None:
@@ -191,16 +198,18 @@ class TargetHeads(nn.Module):
 
 
 def classification_head(channels: int, task: TaskSpec, hidden_layers: int = 0, hidden: int = 64,
-                        dropout: float = 0.0, reads_seg: bool = False) -> nn.Module:
+                        dropout: float = 0.0, reads_seg: bool = False, trains_body: bool = True) -> nn.Module:
     """The task's classification head: a :class:`PooledHead` for one target, else :class:`TargetHeads`.
-    ``reads_seg``: a binary target whose regions name their segments also reads the segmentation."""
+    ``reads_seg``: a binary target whose regions name their segments also reads the segmentation;
+    ``trains_body``: the classification loss reaches the body through the pooled features."""
 
     def seg_channels(t: Target) -> tuple[int, ...] | None:
         if not (reads_seg and t.binary and t.segments):
             return None
         return tuple(task.channel_of(s) for s in t.segments)
 
-    heads = {t.name: PooledHead(channels, t, hidden_layers, hidden, dropout, seg_channels(t)) for t in task.targets}
+    heads = {t.name: PooledHead(channels, t, hidden_layers, hidden, dropout, seg_channels(t), trains_body)
+             for t in task.targets}
     if len(heads) == 1:
         return next(iter(heads.values()))
     return TargetHeads(heads)
@@ -243,7 +252,8 @@ class MultiTaskNet(nn.Module):
     def rebuild_cls_head(self, hidden_layers: int = 0, hidden: int = 64) -> None:
         """A new classification head for the task on the bottleneck (``hidden_layers`` > 0: an MLP)."""
         self.cls_head = classification_head(self.stage_channels[self.cls_stage], self.task, hidden_layers, hidden,
-                                            self.config.dropout, self.config.cls_reads_seg)
+                                            self.config.dropout, self.config.cls_reads_seg,
+                                            self.config.cls_trains_body)
 
     # -- forward pieces ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
