@@ -13,7 +13,9 @@ steadier?).
         [--folder .variance/recipe] [--reuse] [--results DIR]
 
 ``--lever`` repeats; without one the default levers run (baseline, an averaged model, cosine, the head that reads
-the segmentation, it with cosine, it with gradient clipping), each at the strategies' current starting points. ``--reuse`` keeps a lever's finished ``variance.json`` in ``--folder/NAME``
+the segmentation, it with cosine, it with gradient clipping, and ``recipe``: today's defaults), each at the
+strategies' starting points of the code that runs it. A lever's recipe is compared by the fields its runs used
+(``train_recipe``, recorded by ``bench.variance``), so ``--reuse`` never takes a measurement of another recipe. ``--reuse`` keeps a lever's finished ``variance.json`` in ``--folder/NAME``
 (same settings) instead of running it again. Writes ``recipe.json`` (a row per lever and cell; each lever's
 command) to ``bench/results/`` or ``--results`` and prints the table.
 """
@@ -30,13 +32,17 @@ from pathlib import Path
 from bench.common import print_table, write_result
 
 DEFAULT_LEVERS = (
-    "baseline=|cls_reads_seg=false",
-    "ema=ema_decay=0.99|cls_reads_seg=false",
-    "cosine=lr_schedule=cosine,warmup_epochs=1|cls_reads_seg=false",
-    "seghead=|cls_reads_seg=true",
-    "cosine_seghead=lr_schedule=cosine,warmup_epochs=1|cls_reads_seg=true",
+    "baseline=grad_clip_norm=0|cls_reads_seg=false",
+    "ema=ema_decay=0.99,grad_clip_norm=0|cls_reads_seg=false",
+    "cosine=lr_schedule=cosine,warmup_epochs=1,grad_clip_norm=0|cls_reads_seg=false",
+    "seghead=grad_clip_norm=0|cls_reads_seg=true",
+    "cosine_seghead=lr_schedule=cosine,warmup_epochs=1,grad_clip_norm=0|cls_reads_seg=true",
     "seghead_clip=grad_clip_norm=1.0|cls_reads_seg=true",
+    "recipe=",
 )
+# what a measurement made before bench.variance recorded its runs' recipe used: TrainConfig's defaults then
+RECIPE_BEFORE_RECORDING = {"lr_schedule": "constant", "warmup_epochs": 0.0, "ema_decay": 0.0, "grad_clip_norm": 0.0,
+                           "keep_epoch": "best"}
 
 
 def parse_lever(text: str) -> tuple[str, str, str]:
@@ -47,6 +53,24 @@ def parse_lever(text: str) -> tuple[str, str, str]:
                          "seghead=|cls_reads_seg=true")
     recipe, _, head = rest.partition("|")
     return name, recipe, head
+
+
+def train_recipe(settings: dict) -> dict:
+    """The recipe fields a measurement's runs used: their own record, else the defaults before it was recorded
+    with the explicit ``--recipe`` over them."""
+    if "train_recipe" in settings:
+        return dict(settings["train_recipe"])
+    return {**RECIPE_BEFORE_RECORDING, **{k: v for k, v in (settings.get("recipe") or {}).items()
+                                          if k in RECIPE_BEFORE_RECORDING}}
+
+
+def wanted_recipe(recipe: str) -> dict:
+    """The recipe fields a lever's ``--recipe`` gives with today's TrainConfig defaults."""
+    from bench import variance
+    from trainables.engine import TrainConfig
+
+    config = TrainConfig(**variance.parse_recipe(recipe))
+    return {k: getattr(config, k) for k in RECIPE_BEFORE_RECORDING}
 
 
 def reads_seg(settings: dict) -> bool:
@@ -64,8 +88,7 @@ def lever_rows(name: str, doc: dict) -> list[dict]:
     for cell in doc["settings"]["cells"]:
         runs = [r for r in doc["runs"] if r["cell"] == cell and "error" not in r
                 and r["init_seed"] == r["data_seed"] and r["replicate"] == 0]
-        row: dict = {"lever": name, "cell": cell, "runs": len(runs),
-                     "recipe": doc["settings"].get("recipe") or {},
+        row: dict = {"lever": name, "cell": cell, "runs": len(runs), "recipe": train_recipe(doc["settings"]),
                      "backbone_options": doc["settings"].get("backbone_options") or {},
                      "head_reads_seg": reads_seg(doc["settings"]),
                      "lr_start": doc["settings"]["cells"][cell]["train"].get("lr_encoder")}
@@ -92,7 +115,7 @@ def measure(name: str, recipe: str, head: str, args: argparse.Namespace) -> dict
 
         doc = json.loads(path.read_text())
         wanted = variance.parse_head(head).get("cls_reads_seg", BackboneConfig().cls_reads_seg)
-        if doc.get("complete") and (doc["settings"].get("recipe") or {}) == variance.parse_recipe(recipe) and (
+        if doc.get("complete") and train_recipe(doc["settings"]) == wanted_recipe(recipe) and (
                 reads_seg(doc["settings"]) == wanted):
             return doc
     argv = ["--seeds", str(args.seeds), "--designs", "seed", "--workers", str(args.workers), "--work", str(args.work),

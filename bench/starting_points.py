@@ -1,8 +1,9 @@
 """Where each fine-tuning strategy's search starts: a short learning-rate sweep per strategy at the laptop budget
 (issue 27, item 3).
 
-Every registered strategy that needs no teacher runs as the cell ``none x strategy`` on SegResNet, through the
-real trial code (``bench.variance``'s plan, data, trial factory and runner), with every learning rate of the
+Every registered strategy that needs no teacher runs as the cell ``method x strategy`` on SegResNet (``--method``,
+default reconstruction: a frozen body is only worth tuning when it was pre-trained; a strategy that builds its own
+network runs with ``none``), through the real trial code (``bench.variance``'s plan, data, trial factory and runner), with every learning rate of the
 training loop (encoder, decoder, heads) set to each value of ``--lrs`` and the strategy's own parameters at its
 first search trial's draw. Each (strategy, rate) runs ``--seeds`` seeds, paired across strategies and rates (the
 race's round seeds). The rate chosen for a strategy is the one with the best mean **validation** score (the
@@ -13,7 +14,8 @@ above the split's chance score (an empty segmentation and a constant presence pr
 is marked as one that does not learn at this budget at any swept rate.
 
     python -m bench.starting_points [--lrs 1e-3,3e-3,1e-2] [--seeds 2] [--strategies all] [--recipe K=V,...]
-        [--backbone-options K=V,...] [--workers 2] [--work .variance/work] [--results DIR] [--tiny]
+        [--method reconstruction] [--backbone-options K=V,...] [--workers 2] [--work .variance/work] [--results DIR]
+        [--tiny]
 
 Writes ``starting_points.json`` (a row per strategy and rate, a row per strategy with the chosen rate, and every
 run) to ``bench/results/`` or ``--results`` and prints both tables.
@@ -49,6 +51,14 @@ def sweep_strategies(names: str) -> list[str]:
         if STRATEGIES.get(name).needs_teacher:  # also the error listing valid names for an unknown one
             raise SystemExit(f"--strategies: {name} needs a teacher model; sweep the strategies that need none")
     return chosen
+
+
+def sweep_method(method: str, strategy: str) -> str:
+    """The pre-training method a strategy is swept on: ``method``, except ``none`` for a strategy that builds
+    its own network (pre-training does not reach it)."""
+    from trainables.finetune import STRATEGIES
+
+    return "none" if STRATEGIES.get(strategy).from_scratch else method
 
 
 def chance_score(prep) -> float:
@@ -122,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma list of learning rates (every part at once)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per strategy and rate")
     p.add_argument("--strategies", default="all", help="'all' (those without a teacher) or a comma list")
+    p.add_argument("--method", default="reconstruction", help="the pre-training method of the swept cells (a frozen "
+                   "body is only worth tuning when it was pre-trained; a strategy that builds its own network: none)")
     p.add_argument("--recipe", default="", help="training-recipe fields for every run (bench.variance --recipe)")
     p.add_argument("--backbone-options", default="", help="head-only backbone fields (bench.variance)")
     p.add_argument("--learn-margin", type=float, default=0.05, help="above chance by this much counts as learning")
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     recipe, head = parse_recipe(args.recipe), parse_head(args.backbone_options)
     strategies = sweep_strategies(args.strategies)
-    args.cells = ",".join(f"none:{s}" for s in strategies)
+    args.cells = ",".join(f"{sweep_method(args.method, s)}:{s}" for s in strategies)
     prep = prepare(args)
     chance = chance_score(prep)
     seeds = race_seeds(prep.plan, args.seeds)
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": seeds, "strategies": strategies, "recipe": recipe, "backbone_options": head,
                 "backbone": BACKBONE, "width": prep.plan.width, "finetune_epochs": prep.plan.finetune_epochs,
                 "splits": prep.plan.splits, "chance_val_score": chance, "learn_margin": args.learn_margin,
-                "strategy_params": {c.strategy: prep.params[c.id][1] for c in prep.cells}}
+                "strategy_params": {c.strategy: prep.params[c.id][1] for c in prep.cells},
+                "method": args.method}
     started = time.perf_counter()
     print(f"{len(tasks)} runs ({len(strategies)} strategies x {len(lrs)} rates x {len(seeds)} seeds) on "
           f"{args.device}; chance validation score {chance:.3f}", flush=True)

@@ -419,6 +419,14 @@ def parse_head(text: str) -> dict:
     return out
 
 
+RECIPE_FIELDS = ("lr_schedule", "warmup_epochs", "ema_decay", "grad_clip_norm", "keep_epoch")
+
+
+def effective_recipe(tasks: list[dict]) -> dict:
+    """The training-recipe fields the runs used (explicit or default), from their trial configs."""
+    return {f: tasks[0]["config"]["train"][f] for f in RECIPE_FIELDS} if tasks else {}
+
+
 def effective_head(tasks: list[dict]) -> dict:
     """The head-only backbone fields the runs used (explicit or default), from their trial configs."""
     from trainables.backbones import HEAD_ONLY_FIELDS
@@ -565,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pretrain_epochs": plan.pretrain_epochs, "batch_size": plan.batch_size, "splits": plan.splits,
                 "cells": {c: {"train": prep.params[c][0], "strategy_params": prep.params[c][1]} for c in ids},
                 "pretrain": prep.pretrained, "prepare_s": prep.seconds, "recipe": recipe,
-                "backbone_options": head, "head": effective_head(tasks)}
+                "backbone_options": head, "head": effective_head(tasks), "train_recipe": effective_recipe(tasks)}
     earlier = {"runs": [], "commands": [], "wall_s": []}
     result = (args.results or RESULTS) / "variance.json"
     if args.resume and result.is_file():

@@ -146,7 +146,7 @@ def test_the_head_that_reads_the_segmentation(name: str, size: int) -> None:
     torch.manual_seed(0)
     width = 12 if name == "swinunetr" else 8
     model = build_backbone(BackboneConfig(name, width=width, cls_reads_seg=True)).eval()
-    plain = build_backbone(BackboneConfig(name, width=width))
+    plain = build_backbone(BackboneConfig(name, width=width, cls_reads_seg=False))
     assert set(model.state_dict()) - set(plain.state_dict()) == {"cls_head.seg_weight"}
     head = model.cls_head
     seg = torch.full((1, 3, size, size, size), -5.0)
@@ -213,3 +213,18 @@ def test_a_model_saved_before_the_head_read_the_segmentation_loads_as_it_was(tmp
     x = torch.randn(1, 1, 16, 16, 16)
     assert torch.equal(loaded(x)["cls"], old.eval()(x)["cls"])
     assert BackboneConfig.from_saved(saved).cls_reads_seg is False and BackboneConfig().cls_reads_seg is True
+
+
+def test_a_head_that_does_not_train_the_body_leaves_its_gradient_at_zero() -> None:
+    """cls_trains_body=false: the classification loss reaches the head only; on (the default before), it also
+    reaches the encoder."""
+    from trainables.engine import MultiTaskLoss
+
+    batch = tiny_batches(1, 0)[0]
+    for trains in (True, False):
+        torch.manual_seed(0)
+        model = build_backbone(BackboneConfig("segresnet", width=8, cls_trains_body=trains))
+        MultiTaskLoss(seg_weight=0.0)(model(batch["image"]), batch)["loss"].backward()
+        body = [p.grad for p in model.encoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        head = [p.grad for p in model.cls_head.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert head and bool(body) is trains

@@ -120,7 +120,12 @@ def test_the_recipe_bench_reads_each_lever_from_its_runs(tiny_run, tmp_path) -> 
         assert row["score_dice_auc_mean"] == pytest.approx(statistics.fmean(
             0.5 * r["test_dice"] + 0.5 * r["test_auc"] for r in mine))
     clipped = [r for r in doc["rows"] if r["lever"] == "clipped"][0]
-    assert clipped["recipe"] == {"grad_clip_norm": 0.5} and clipped["backbone_options"] == {"cls_reads_seg": False}
+    assert clipped["recipe"]["grad_clip_norm"] == 0.5 and clipped["backbone_options"] == {"cls_reads_seg": False}
+    assert not clipped["head_reads_seg"]
+    baseline = [r for r in doc["rows"] if r["lever"] == "baseline"][0]  # the runs' own recipe: today's defaults
+    from trainables.engine import TrainConfig
+
+    assert baseline["recipe"]["grad_clip_norm"] == TrainConfig().grad_clip_norm and baseline["head_reads_seg"]
     before = (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns
     assert recipe.main([*args, "--reuse"]) == 0
     assert (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns == before

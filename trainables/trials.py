@@ -135,7 +135,7 @@ class FinetuneTrial:
             backbone=BackboneConfig.from_saved(d["backbone"]),
             strategy=d["strategy"],
             strategy_params=dict(d.get("strategy_params") or {}),
-            train=TrainConfig(**d["train"]),
+            train=TrainConfig.from_saved(d["train"]),
             data=_data_config(d["data"]),
             pretrain_checkpoint=d.get("pretrain_checkpoint"),
             output_dir=d.get("output_dir"),
