@@ -13,8 +13,8 @@ steadier?).
         [--folder .variance/recipe] [--reuse] [--results DIR]
 
 ``--lever`` repeats; without one the default levers run (baseline, an averaged model, cosine, the head that reads
-the segmentation, it with cosine, it with gradient clipping, and ``recipe``: today's defaults), each at the
-strategies' starting points of the code that runs it. A lever's recipe is compared by the fields its runs used
+the segmentation, it with cosine, it with gradient clipping), each at the strategies' starting points of the code
+that runs it (the four cells' are all 1e-3). A lever's recipe is compared by the fields its runs used
 (``train_recipe``, recorded by ``bench.variance``), so ``--reuse`` never takes a measurement of another recipe. ``--reuse`` keeps a lever's finished ``variance.json`` in ``--folder/NAME``
 (same settings) instead of running it again. Writes ``recipe.json`` (a row per lever and cell; each lever's
 command) to ``bench/results/`` or ``--results`` and prints the table.
@@ -38,7 +38,6 @@ DEFAULT_LEVERS = (
     "seghead=grad_clip_norm=0|cls_reads_seg=true",
     "cosine_seghead=lr_schedule=cosine,warmup_epochs=1,grad_clip_norm=0|cls_reads_seg=true",
     "seghead_clip=grad_clip_norm=1.0|cls_reads_seg=true",
-    "recipe=",
 )
 # what a measurement made before bench.variance recorded its runs' recipe used: TrainConfig's defaults then
 RECIPE_BEFORE_RECORDING = {"lr_schedule": "constant", "warmup_epochs": 0.0, "ema_decay": 0.0, "grad_clip_norm": 0.0,

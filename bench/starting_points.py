@@ -7,7 +7,8 @@ network runs with ``none``), through the real trial code (``bench.variance``'s p
 training loop (encoder, decoder, heads) set to each value of ``--lrs`` and the strategy's own parameters at its
 first search trial's draw. Each (strategy, rate) runs ``--seeds`` seeds, paired across strategies and rates (the
 race's round seeds). The rate chosen for a strategy is the one with the best mean **validation** score (the
-selection split; the test score is reported beside it, never used to choose), and becomes the strategy's
+selection split; the test score is reported beside it, never used to choose) where it beats the default 1e-3 by
+``--learn-margin`` (else the default stays: rates within noise of each other say nothing), and becomes the strategy's
 ``lr_start`` (``register_strategy(..., lr_start=...)``): the rate of its cells' first search trial, the centre of
 its searched ranges (``search_spaces.finetune.lr_ranges``). A strategy whose chosen mean validation score is not
 above the split's chance score (an empty segmentation and a constant presence probability) by ``--learn-margin``
@@ -38,6 +39,8 @@ from bench.variance import (
     race_seeds,
     run_all,
 )
+
+DEFAULT_LR = 1e-3  # trainables.finetune.register_strategy's lr_start when a strategy declares none
 
 
 def sweep_strategies(names: str) -> list[str]:
@@ -119,10 +122,17 @@ def summarise(runs: list[dict], strategies: list[str], lrs: list[float], chance:
             mine.append(row)
         scored = [r for r in mine if r["val_score_mean"] is not None]
         best = max(scored, key=lambda r: r["val_score_mean"]) if scored else None
-        chosen.append({"strategy": strategy, "lr_start": best["lr"] if best else None,
-                       "val_score_mean": best["val_score_mean"] if best else None,
-                       "test_score_mean": best["test_score_mean"] if best else None,
-                       "at_1e-3_val": next((r["val_score_mean"] for r in mine if r["lr"] == 1e-3), None),
+        default = next((r for r in scored if r["lr"] == DEFAULT_LR), None)
+        # the default rate stays unless the best is above it by the margin (two rates within noise of each
+        # other, or a strategy that learns at none of them, say nothing about where to start)
+        keep_default = best is not None and default is not None and (
+            best["val_score_mean"] < default["val_score_mean"] + margin)
+        start = default if keep_default else best
+        chosen.append({"strategy": strategy, "best_rate": best["lr"] if best else None,
+                       "lr_start": start["lr"] if start else None,
+                       "val_score_mean": start["val_score_mean"] if start else None,
+                       "test_score_mean": start["test_score_mean"] if start else None,
+                       "at_1e-3_val": default["val_score_mean"] if default else None,
                        "learns": bool(best and best["val_score_mean"] >= chance + margin)})
     return rows, chosen
 
@@ -144,7 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path(".variance/work"), help="folder for the cohort (reused)")
     p.add_argument("--results", type=Path, default=None, help="folder for starting_points.json")
     p.add_argument("--tiny", action="store_true", help="a few subjects, 16^3, 2 epochs: checks the path in seconds")
+    p.add_argument("--summarise", type=Path, default=None, metavar="JSON", help="re-read the runs of an earlier "
+                   "starting_points.json and write its tables again with this code's rule (no run); the file keeps "
+                   "the command that measured it and records this one")
     return p
+
+
+def resummarise(path: Path, command: str, results: Path | None) -> int:
+    """``--summarise``: the tables of an earlier measurement's runs, with this code's rule."""
+    import json
+
+    doc = json.loads(path.read_text())
+    s = doc["settings"]
+    rows, chosen = summarise(doc["runs"], s["strategies"], s["lrs"], s["chance_val_score"], s["learn_margin"])
+    extra = {k: v for k, v in doc.items() if k not in ("benchmark", "date", "commit", "command", "machine", "rows")}
+    extra.update(by_rate=rows, measured={k: doc[k] for k in ("date", "commit", "command", "machine")})
+    out = write_result("starting_points", command, chosen, extra, folder=results)
+    print_table(chosen, ["strategy", "best_rate", "lr_start", "val_score_mean", "test_score_mean", "at_1e-3_val",
+                         "learns"])
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     command = "python -m bench.starting_points " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.summarise is not None:
+        return resummarise(args.summarise, command, args.results)
     try:
         lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     except ValueError:
@@ -200,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(doc["by_rate"], ["strategy", "lr", "runs", "failed", "val_score_mean", "val_score_sd",
                                  "test_score_mean", "test_score_sd", "time_per_epoch_s"])
     print()
-    print_table(doc["rows"], ["strategy", "lr_start", "val_score_mean", "test_score_mean", "at_1e-3_val", "learns"])
+    print_table(doc["rows"], ["strategy", "best_rate", "lr_start", "val_score_mean", "test_score_mean", "at_1e-3_val",
+                              "learns"])
     print(f"wrote {path}")
     return 0
 

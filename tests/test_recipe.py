@@ -199,20 +199,22 @@ def test_the_chance_score_is_that_of_a_model_that_learned_nothing() -> None:
     assert chance_score(labels, truth, 4.0) == pytest.approx(0.5 * empty_share + 0.25)
 
 
-def test_a_model_saved_before_the_head_read_the_segmentation_loads_as_it_was(tmp_path) -> None:
-    """A saved config without ``cls_reads_seg`` (an earlier version) rebuilds the head it was trained with."""
+def test_a_saved_model_rebuilds_the_head_it_was_trained_with(tmp_path) -> None:
+    """A model saved with the head that reads the segmentation reloads with it (same outputs); a saved config
+    without the field (an earlier version) means the head without it, which is the default."""
     from trainables.finetune.storage import load_finetuned, save_finetuned
 
-    torch.manual_seed(0)
-    old = build_backbone(BackboneConfig("segresnet", width=8, cls_reads_seg=False))
-    saved = {k: v for k, v in BackboneConfig("segresnet", width=8, cls_reads_seg=False).to_dict().items()
-             if k != "cls_reads_seg"}
-    path = tmp_path / "model.pt"
-    save_finetuned(old, path, backbone_cfg=saved, strategy="full", strategy_cfg={}, pretrain_ref=None)
-    loaded = load_finetuned(path, None).eval()
     x = torch.randn(1, 1, 16, 16, 16)
-    assert torch.equal(loaded(x)["cls"], old.eval()(x)["cls"])
-    assert BackboneConfig.from_saved(saved).cls_reads_seg is False and BackboneConfig().cls_reads_seg is True
+    for reads in (True, False):
+        torch.manual_seed(0)
+        config = BackboneConfig("segresnet", width=8, cls_reads_seg=reads)
+        model = build_backbone(config)
+        saved = config.to_dict() if reads else {k: v for k, v in config.to_dict().items() if k != "cls_reads_seg"}
+        path = tmp_path / f"model-{reads}.pt"
+        save_finetuned(model, path, backbone_cfg=saved, strategy="full", strategy_cfg={}, pretrain_ref=None)
+        loaded = load_finetuned(path, None).eval()
+        assert torch.equal(loaded(x)["cls"], model.eval()(x)["cls"])
+        assert hasattr(loaded.cls_head, "seg_weight") is reads
 
 
 def test_a_head_that_does_not_train_the_body_leaves_its_gradient_at_zero() -> None:

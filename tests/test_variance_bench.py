@@ -123,9 +123,11 @@ def test_the_recipe_bench_reads_each_lever_from_its_runs(tiny_run, tmp_path) -> 
     assert clipped["recipe"]["grad_clip_norm"] == 0.5 and clipped["backbone_options"] == {"cls_reads_seg": False}
     assert not clipped["head_reads_seg"]
     baseline = [r for r in doc["rows"] if r["lever"] == "baseline"][0]  # the runs' own recipe: today's defaults
+    from trainables.backbones import BackboneConfig
     from trainables.engine import TrainConfig
 
-    assert baseline["recipe"]["grad_clip_norm"] == TrainConfig().grad_clip_norm and baseline["head_reads_seg"]
+    assert baseline["recipe"]["grad_clip_norm"] == TrainConfig().grad_clip_norm
+    assert baseline["head_reads_seg"] is BackboneConfig().cls_reads_seg
     before = (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns
     assert recipe.main([*args, "--reuse"]) == 0
     assert (tmp_path / "levers" / "clipped" / "variance.json").stat().st_mtime_ns == before
@@ -148,8 +150,10 @@ def test_the_starting_point_is_the_rate_best_on_validation(tiny_run, tmp_path) -
     for row in doc["rows"]:
         means = {lr: statistics.fmean(r["val_score_best"] for r in runs if r["strategy"] == row["strategy"]
                                       and r["lr"] == lr) for lr in (1e-3, 1e-2)}
-        assert row["lr_start"] == max(means, key=means.get)
-        assert row["learns"] == (means[row["lr_start"]] >= doc["settings"]["chance_val_score"] + 0.05)
+        best = max(means, key=means.get)
+        assert row["best_rate"] == best
+        assert row["lr_start"] == (best if means[best] >= means[1e-3] + 0.05 else 1e-3)  # else the default stays
+        assert row["learns"] == (means[best] >= doc["settings"]["chance_val_score"] + 0.05)
     assert 0.0 < doc["settings"]["chance_val_score"] < 1.0
     with pytest.raises(SystemExit, match="teacher"):
         starting_points.main(["--tiny", "--strategies", "distill", "--work", work, "--results", str(tmp_path)])

@@ -88,7 +88,8 @@ class BackboneConfig:
         cls_reads_seg: the classification head also reads the model's own segmentation: a binary target whose
             regions name their segments adds, per region, a learned multiple of the log-odds of that segment's
             most confident voxel in the region (:meth:`PooledHead.seg_evidence`; the segmentation detached, so
-            the classification loss does not train it).
+            the classification loss does not train it). Off by default: ``bench/recipe.py`` (lever ``seghead``) measured
+            it raising every cell's mean and widening the between-run spread of the cells at the edge of learning.
         cls_trains_body: the classification loss trains the body through the head's pooled features; false: the
             head reads the body's features as they are (detached), and only the segmentation loss trains the body.
     """
@@ -97,7 +98,7 @@ class BackboneConfig:
     width: int = 16
     in_channels: int = 1
     dropout: float = 0.0
-    cls_reads_seg: bool = True
+    cls_reads_seg: bool = False
     cls_trains_body: bool = True
 
     def __post_init__(self) -> None:
@@ -112,12 +113,6 @@ class BackboneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_saved(cls, d: dict) -> BackboneConfig:
-        """A config written by an earlier version (a saved model, a resumed study's trial): a field it lacks means
-        what that version built (its classification head did not read the segmentation, and trained the body)."""
-        return cls(**{"cls_reads_seg": False, "cls_trains_body": True, **d})
 
 
 # BackboneConfig fields that shape only the task heads: a pre-training checkpoint (the body) does not depend on them

@@ -55,8 +55,7 @@ class TrainConfig:
         ema_decay: 0 (off) or the decay of an exponential moving average of the weights
             (``torch.optim.swa_utils.AveragedModel``; Polyak & Juditsky 1992): validation, test and the saved
             model use the averaged weights.
-        grad_clip_norm: 0 (off) or the largest gradient norm of a step (``torch.nn.utils.clip_grad_norm_``); on by
-            default: ``bench/recipe.py``'s ``seghead_clip`` lever against ``seghead``.
+        grad_clip_norm: 0 (off) or the largest gradient norm of a step (``torch.nn.utils.clip_grad_norm_``).
         keep_epoch: which epoch's weights the trial keeps and tests: ``best`` (the best validation score) or
             ``last`` (no choice on validation inside a run).
     """
@@ -75,7 +74,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_epochs: float = 0.0
     ema_decay: float = 0.0
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = 0.0
     keep_epoch: str = "best"
 
     def __post_init__(self) -> None:
@@ -102,12 +101,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_saved(cls, d: dict) -> TrainConfig:
-        """A config written by an earlier version (a resumed study's trial): a field it lacks means what that
-        version did (no gradient clipping)."""
-        return cls(**{"grad_clip_norm": 0.0, **d})
 
 
 def seed_everything(seed: int) -> None:

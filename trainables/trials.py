@@ -82,7 +82,7 @@ class PretrainTrial:
     @classmethod
     def from_dict(cls, d: dict) -> PretrainTrial:
         return cls(
-            backbone=BackboneConfig.from_saved(d["backbone"]),
+            backbone=BackboneConfig(**d["backbone"]),
             pretrain=PretrainConfig(**d["pretrain"]),
             data=_data_config(d["data"]),
             cache_dir=d["cache_dir"],
@@ -132,10 +132,10 @@ class FinetuneTrial:
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneTrial:
         return cls(
-            backbone=BackboneConfig.from_saved(d["backbone"]),
+            backbone=BackboneConfig(**d["backbone"]),
             strategy=d["strategy"],
             strategy_params=dict(d.get("strategy_params") or {}),
-            train=TrainConfig.from_saved(d["train"]),
+            train=TrainConfig(**d["train"]),
             data=_data_config(d["data"]),
             pretrain_checkpoint=d.get("pretrain_checkpoint"),
             output_dir=d.get("output_dir"),

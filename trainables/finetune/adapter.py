@@ -76,7 +76,7 @@ def adapter_space(trial) -> dict:
     }
 
 
-@register_strategy("adapter", AdapterConfig, space=adapter_space)
+@register_strategy("adapter", AdapterConfig, space=adapter_space, lr_start=0.01)
 def apply_adapter(model: MultiTaskNet, cfg: AdapterConfig) -> MultiTaskNet:
     """Wrap every encoder stage with an adapter; freeze the body; adapters and heads train."""
     freeze_all(model)

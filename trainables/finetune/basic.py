@@ -43,7 +43,7 @@ def apply_decoder(model: MultiTaskNet, cfg: NoConfig) -> MultiTaskNet:
     return model
 
 
-@register_strategy("linear", NoConfig)
+@register_strategy("linear", NoConfig, lr_start=0.01)
 def apply_linear(model: MultiTaskNet, cfg: NoConfig) -> MultiTaskNet:
     """Frozen body; only the segmentation and classification heads train."""
     freeze_all(model)
@@ -112,7 +112,7 @@ def partial_space(trial) -> dict:
     return {"trainable_stages": trial.suggest_int("partial_trainable_stages", 1, most_blocks_shared("encoder_stages") - 1)}
 
 
-@register_strategy("partial", PartialConfig, space=partial_space)
+@register_strategy("partial", PartialConfig, space=partial_space, lr_start=0.003)
 def apply_partial(model: MultiTaskNet, cfg: PartialConfig) -> MultiTaskNet:
     """Freeze the body except the last ``trainable_stages`` encoder stages; the heads train."""
     return _train_last(model, list(model.encoder), cfg.trainable_stages, "partial.trainable_stages",
@@ -140,7 +140,7 @@ def mlp_space(trial) -> dict:
     }
 
 
-@register_strategy("mlp", MlpConfig, space=mlp_space)
+@register_strategy("mlp", MlpConfig, space=mlp_space, lr_start=0.01)
 def apply_mlp(model: MultiTaskNet, cfg: MlpConfig) -> MultiTaskNet:
     """Replace ``cls_head`` by a ``hidden_layers``-layer MLP head; body frozen, both heads train."""
     model.rebuild_cls_head(hidden_layers=cfg.hidden_layers, hidden=cfg.hidden_width)
@@ -149,7 +149,7 @@ def apply_mlp(model: MultiTaskNet, cfg: MlpConfig) -> MultiTaskNet:
     return model
 
 
-@register_strategy("bitfit", NoConfig)
+@register_strategy("bitfit", NoConfig, lr_start=0.01)
 def apply_bitfit(model: MultiTaskNet, cfg: NoConfig) -> MultiTaskNet:
     """Only parameters named ``bias`` (convolution, linear and normalisation biases) and the heads train.
 

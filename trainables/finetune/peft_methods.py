@@ -145,7 +145,7 @@ def ia3_space(trial) -> dict:
     return {"targets": trial.suggest_categorical("ia3_targets", list(TARGET_SETS))}
 
 
-@register_strategy("ia3", IA3StrategyConfig, space=ia3_space)
+@register_strategy("ia3", IA3StrategyConfig, space=ia3_space, lr_start=0.01)
 def apply_ia3(model: MultiTaskNet, cfg: IA3StrategyConfig) -> MultiTaskNet:
     """Inject (IA)^3 vectors into the selected body layers; only they and the heads train."""
     from peft import IA3Config

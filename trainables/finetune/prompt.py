@@ -71,7 +71,7 @@ def prompt_deep_space(trial) -> dict:
     return {"prompt_size": trial.suggest_categorical("prompt_deep_size", [1, 2, 4, 8])}
 
 
-@register_strategy("prompt_shallow", PromptConfig, space=prompt_shallow_space)
+@register_strategy("prompt_shallow", PromptConfig, space=prompt_shallow_space, lr_start=0.01)
 def apply_prompt_shallow(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet:
     """Add a learnable prompt to the input image; body frozen; prompt and heads train."""
     freeze_all(model)
@@ -81,7 +81,7 @@ def apply_prompt_shallow(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet
     return model
 
 
-@register_strategy("prompt_deep", PromptConfig, space=prompt_deep_space)
+@register_strategy("prompt_deep", PromptConfig, space=prompt_deep_space, lr_start=0.01)
 def apply_prompt_deep(model: MultiTaskNet, cfg: PromptConfig) -> MultiTaskNet:
     """Add a learnable prompt to every encoder stage's output; body frozen; prompts and heads train."""
     freeze_all(model)

@@ -95,7 +95,7 @@ def sidetune_space(trial) -> dict:
     }
 
 
-@register_strategy("sidetune", SideTuneConfig, space=sidetune_space)
+@register_strategy("sidetune", SideTuneConfig, space=sidetune_space, lr_start=0.01)
 def apply_sidetune(model: MultiTaskNet, cfg: SideTuneConfig) -> MultiTaskNet:
     """Freeze the body; add a side network blended at the classification input and the bottleneck."""
     freeze_all(model)

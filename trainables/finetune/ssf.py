@@ -60,7 +60,7 @@ class ScaledNorm(TaskModule):
         return y * self.scale.view(shape) + self.shift.view(shape)
 
 
-@register_strategy("ssf", SSFConfig)
+@register_strategy("ssf", SSFConfig, lr_start=0.01)
 def apply_ssf(model: MultiTaskNet, cfg: SSFConfig) -> MultiTaskNet:
     """Follow every body normalisation layer with SSF; only SSF parameters and the heads train."""
     freeze_all(model)

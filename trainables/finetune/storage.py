@@ -113,7 +113,7 @@ def load_finetuned(path: str | os.PathLike, body_state: dict[str, Tensor] | None
         raise StudyInputError(f"cannot read fine-tuned model {str(path)!r}: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise StudyInputError(f"{str(path)!r} is not a fine-tuned model file (format {FORMAT_VERSION})")
-    model = build_backbone(BackboneConfig.from_saved(payload["backbone"]), as_task(payload.get("task")))  # no task: PCS
+    model = build_backbone(BackboneConfig(**payload["backbone"]), as_task(payload.get("task")))  # no task: PCS
     full_state = payload["full_state"]
     if full_state is None:
         if body_state is None:
