@@ -152,9 +152,10 @@ def test_the_head_that_reads_the_segmentation(name: str, size: int) -> None:
     seg = torch.full((1, 3, size, size, size), -5.0)
     seg[:, 0] = 5.0  # background everywhere
     bottleneck = torch.zeros(1, model.stage_channels[model.cls_stage], 2, 2, 2)
-    base = head(bottleneck, seg)
-    seg[0, 1, 1, 3, 3] = 10.0  # one confident left-PCS voxel in the low (left) half of axis 0
-    moved = head(bottleneck, seg)
+    with torch.no_grad():
+        base = head(bottleneck, seg)
+        seg[0, 1, 1, 3, 3] = 10.0  # one confident left-PCS voxel in the low (left) half of axis 0
+        moved = head(bottleneck, seg)
     p = torch.softmax(seg[0, :, 1, 3, 3], 0)[1]
     p0 = torch.softmax(torch.tensor([5.0, -5.0, -5.0]), 0)[1]
     assert float(moved[0, 0] - base[0, 0]) == pytest.approx(float(torch.logit(p, eps=1e-4) - torch.logit(p0, eps=1e-4)),
