@@ -475,12 +475,13 @@ def fit(
     ``score`` (validation selection score), time and memory, and a function returning the resumable
     state (trained parameters, optimiser state, epoch, history); the Ray adapter reports the metrics
     to Tune and saves the state as the trial's checkpoint. ``resume`` is such a state: training
-    continues after its epoch. After the last epoch the model is given the weights of its epoch with the
-    best validation score (``best_epoch``; the last report's ``score`` is that epoch's); the last report carries
-    that epoch's per-case validation rows (``val_cases``) and ``val_chance_score`` (the validation score of a
-    model that learned nothing: :func:`trainables.metrics.chance_score`), then the test split (if given) is
-    evaluated once:
-    ``test_*`` metrics and ``test_cases``, one row per subject, target and region. ``task`` (default: the PCS task) defines the loss, the metrics and the score. ``schedule``: a
+    continues after its epoch. After the last epoch the model is given the weights of its kept epoch
+    (``cfg.keep_epoch``: the best validation score, or the last; the averaged weights with ``cfg.ema_decay``;
+    ``best_epoch``; the last report's ``score`` is that epoch's); the last report carries that epoch's per-case
+    validation rows (``val_cases``) and ``val_chance_score`` (the validation score of a model that learned
+    nothing: :func:`trainables.metrics.chance_score`), then the test split (if given) is evaluated once:
+    ``test_*`` metrics and ``test_cases``, one row per subject, target and region. ``task`` (default: the PCS
+    task) defines the loss, the metrics and the score. ``schedule``: a
     staged strategy's phases (:class:`Schedule`); the model arrives with its second phase's parameters
     trainable, each epoch then trains its phase's, and the time, the memory and the trainable count are
     reported per phase (``phase1_*``, ``phase2_*``) besides the whole (memory: the larger phase's).
@@ -538,10 +539,12 @@ def fit(
     if resume is not None and resume.get("best") is not None:
         best = dict(resume["best"])
 
+    # what training changes: the optimised parameters and the buffers (the same names in the model and its average)
+    changing = {n for n, p in model.named_parameters() if id(p) in optimised} | {n for n, _ in model.named_buffers()}
+
     def changing_state(net: nn.Module) -> dict[str, torch.Tensor]:
-        """What training changes in ``net`` (the model or its average): the optimised parameters and buffers."""
-        names = {n for n, p in model.named_parameters() if id(p) in optimised} | {n for n, _ in model.named_buffers()}
-        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in names}
+        """What training changes in ``net`` (the model or its average), copied to the CPU."""
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in changing}
 
     def state() -> dict:
         trained = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if id(v) in optimised}
